@@ -32,9 +32,10 @@ test-slow: install
 	$(BIN)/nbdev-test --flags slow --n-workers 1
 	$(BIN)/pytest -q -m slow tests
 
+# The venv's own JupyterLab (its python3 kernel is the venv, so `import lora_nb` works); loopback only.
 lab: install
-	@echo "JupyterLab on the notebooks: open the URL printed below (kernel: $(VENV))"
-	$(BIN)/jupyter lab --notebook-dir=nbs --port=$(PORT)
+	@echo "JupyterLab on nbs/ (kernel: $(VENV)): open the http://127.0.0.1:$(PORT)/lab?token=... URL printed below"
+	$(BIN)/jupyter lab --notebook-dir=nbs --ip=127.0.0.1 --port=$(PORT) --no-browser $(if $(filter 0,$(shell id -u)),--allow-root)
 
 tb: install
 	$(BIN)/lora-nb tensorboard

@@ -80,6 +80,7 @@ class TrainCfg:
     scheduler: str = _opt('cosine', 'linear', 'constant', 'constant_with_warmup')
     max_grad_norm: float = _opt(**_nonneg)
     eval_steps: int = _opt(**_nonneg)
+    eval_samples: int = _opt(**_nonneg)
     save_steps: int = _opt(**_nonneg)
     save_total_limit: int = _opt(**_nonneg)
     logging_steps: int = _opt(**_pos)
@@ -247,9 +248,13 @@ def atomic_write_text(path, text:str):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'w', encoding='utf-8') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
+
+def _umask() -> int:
+    m = os.umask(0); os.umask(m); return m
 
 def _fmt(v): return str(v).lower() if isinstance(v, bool) else str(v)
 

@@ -13,20 +13,20 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['LLAMA_LINEARS', 'TARGET_SETS', 'linear_lora_params', 'lora_scaling', 'LoRALinear', 'inject_lora', 'rank_r_errors',
-           'llama_linear_shapes', 'resolve_targets', 'lora_param_count', 'llama_param_count', 'build_meta_model',
+           'llama_linear_shapes', 'llama_target_names', 'lora_param_count', 'llama_param_count', 'build_meta_model',
            'lora_summary']
 
-# %% ../nbs/00_lora_math.ipynb #c009
+# %% ../nbs/00_lora_math.ipynb #c011
 def linear_lora_params(d_in:int, d_out:int, r:int) -> int:
     "Trainable parameters of a rank-`r` LoRA update of a `d_in` -> `d_out` linear layer: A is r x d_in, B is d_out x r"
     return r * (d_in + d_out)
 
-# %% ../nbs/00_lora_math.ipynb #c014
+# %% ../nbs/00_lora_math.ipynb #c016
 def lora_scaling(r:int, alpha:float, rslora:bool=False) -> float:
     "Multiplier of B @ A: `alpha / r`, or `alpha / sqrt(r)` for rank-stabilised LoRA (rsLoRA)"
     return alpha / (math.sqrt(r) if rslora else r)
 
-# %% ../nbs/00_lora_math.ipynb #c015
+# %% ../nbs/00_lora_math.ipynb #c017
 class LoRALinear(nn.Module):
     "A frozen `nn.Linear` plus a trainable low-rank update: `base(x) + scaling * B @ A @ dropout(x)`"
     def __init__(self, base:nn.Linear, r:int=8, alpha:float=16, dropout:float=0.0, rslora:bool=False):
@@ -60,7 +60,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self): return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
-# %% ../nbs/00_lora_math.ipynb #c019
+# %% ../nbs/00_lora_math.ipynb #c021
 def inject_lora(model:nn.Module, target_names, r:int=8, alpha:float=16, dropout:float=0.0, rslora:bool=False) -> list:
     "Freeze `model` and wrap each `nn.Linear` whose last name component is in `target_names`; returns the wrapped names"
     targets = {target_names} if isinstance(target_names, str) else set(target_names)
@@ -73,16 +73,18 @@ def inject_lora(model:nn.Module, target_names, r:int=8, alpha:float=16, dropout:
         setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout, rslora))
     return names
 
-# %% ../nbs/00_lora_math.ipynb #c049
-def rank_r_errors(delta:torch.Tensor, reference:torch.Tensor|None=None) -> torch.Tensor:
-    "Relative Frobenius error ||reference - delta_r|| / ||reference|| of the best rank-r approximations of `delta`, r = 0..min(shape)"
+# %% ../nbs/00_lora_math.ipynb #c051
+def rank_r_errors(delta:torch.Tensor, reference:torch.Tensor|None=None, max_rank:int|None=None) -> torch.Tensor:
+    "Relative Frobenius error ||reference - delta_r|| / ||reference|| of the best rank-r approximations delta_r of `delta`, r = 0..max_rank"
     U, S, Vh = torch.linalg.svd(delta.detach().float(), full_matrices=False)
-    ref = delta.detach().float() if reference is None else reference.detach().float()
-    approx = torch.cumsum(torch.einsum('ir,r,rj->rij', U, S, Vh), 0)  # approx[r-1] = rank-r truncation
-    errs = torch.linalg.matrix_norm(ref - approx) / torch.linalg.matrix_norm(ref)
-    return torch.cat([torch.ones(1), errs])
+    ref = (delta if reference is None else reference).detach().float()
+    approx, errs = torch.zeros_like(ref), []
+    for r in range((len(S) if max_rank is None else max_rank) + 1):
+        errs.append(torch.linalg.matrix_norm(ref - approx) / torch.linalg.matrix_norm(ref))
+        if r < len(S): approx += S[r] * torch.outer(U[:, r], Vh[r])  # now the rank-(r+1) truncation
+    return torch.stack(errs)
 
-# %% ../nbs/00_lora_math.ipynb #c057
+# %% ../nbs/00_lora_math.ipynb #c059
 LLAMA_LINEARS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 TARGET_SETS = {'q,v': ('q_proj', 'v_proj'), 'q,k,v,o': ('q_proj', 'k_proj', 'v_proj', 'o_proj'), 'all-linear': LLAMA_LINEARS}
 
@@ -93,34 +95,35 @@ def llama_linear_shapes(config) -> dict:
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     return dict(q_proj=(h, q), k_proj=(h, kv), v_proj=(h, kv), o_proj=(q, h), gate_proj=(h, inter), up_proj=(h, inter), down_proj=(inter, h))
 
-def resolve_targets(targets) -> tuple:
-    "Target names from 'all-linear', 'q_proj,v_proj', a `TARGET_SETS` key or a list, checked against `LLAMA_LINEARS`"
+# %% ../nbs/00_lora_math.ipynb #c065
+def llama_target_names(targets) -> tuple:
+    "Target names from a `TARGET_SETS` key ('all-linear', ...), 'q_proj,v_proj' or a list, checked against `LLAMA_LINEARS`"
     if isinstance(targets, str):
         targets = TARGET_SETS.get(targets) or [t.strip() for t in targets.split(',')]
     if unknown := sorted(set(targets) - set(LLAMA_LINEARS)):
         raise ValueError(f"unknown target module(s) {unknown}; a Llama layer has {', '.join(LLAMA_LINEARS)}")
     return tuple(targets)
 
-# %% ../nbs/00_lora_math.ipynb #c058
 def lora_param_count(config, targets, r:int) -> int:
     "Trainable parameters of rank-`r` LoRA on `targets` in every decoder layer of a Llama-style `config`"
     shapes = llama_linear_shapes(config)
-    return config.num_hidden_layers * sum(linear_lora_params(*shapes[t], r) for t in resolve_targets(targets))
+    return config.num_hidden_layers * sum(linear_lora_params(*shapes[t], r) for t in llama_target_names(targets))
 
 def llama_param_count(config) -> int:
     "Parameters of the base model a Llama-style `config` describes: embeddings, layers, norms, LM head"
     shapes, h, v = llama_linear_shapes(config), config.hidden_size, config.vocab_size
-    biases = sum(o for n, (i, o) in shapes.items() if getattr(config, 'mlp_bias' if n.endswith(('gate_proj', 'up_proj', 'down_proj')) else 'attention_bias', False))
+    mlp = ('gate_proj', 'up_proj', 'down_proj')
+    biases = sum(o for n, (i, o) in shapes.items() if getattr(config, 'mlp_bias' if n in mlp else 'attention_bias', False))
     per_layer = sum(i * o for i, o in shapes.values()) + biases + 2 * h  # + two RMSNorm weights
     return v * h + config.num_hidden_layers * per_layer + h + (0 if config.tie_word_embeddings else v * h)
 
-# %% ../nbs/00_lora_math.ipynb #c062
+# %% ../nbs/00_lora_math.ipynb #c068
 def build_meta_model(config):
     "The causal LM `config` describes, on the `meta` device: real shapes and names, no memory, no download"
     from transformers import AutoModelForCausalLM
     with torch.device('meta'): return AutoModelForCausalLM.from_config(config)
 
-# %% ../nbs/00_lora_math.ipynb #c074
+# %% ../nbs/00_lora_math.ipynb #c082
 def lora_summary(config, targets='all-linear', r:int=16, alpha:float=32, rslora:bool=False) -> dict:
     "Trainable parameters, % of all parameters, adapter size (MB) and scaling of LoRA on a Llama-style `config`"
     n, base = lora_param_count(config, targets, r), llama_param_count(config)

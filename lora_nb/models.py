@@ -6,7 +6,7 @@ Docs: https://github.com/lora-nb/lora_nb/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #c003
 from __future__ import annotations
-import hashlib, importlib.util, os, shutil, tempfile, warnings
+import hashlib, importlib.util, logging, os, shutil, tempfile, warnings
 from pathlib import Path
 
 # %% auto #0
@@ -174,11 +174,15 @@ def quant_config(quant_type='nf4', double_quant=True, compute_dtype='bfloat16'):
                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=DTYPES[compute_dtype])
 
 # %% ../nbs/02_models.ipynb #c025
+def _drop_kernels_hub_notice(record) -> bool:
+    # bitsandbytes' CPU backend tries the optional `kernels` package, which would fetch a kernel from the hub;
+    # without it bitsandbytes uses its built-in CPU path (what we want offline), so the notice is noise here.
+    return 'kernels-community' not in record.getMessage()
+
+logging.getLogger('bitsandbytes.backends.cpu.ops').addFilter(_drop_kernels_hub_notice)
+
 def _silence_known_warnings():
-    "Filter warnings known to be harmless here (each says why)"
-    # bitsandbytes/transformers probe an optional `kernels` package that would fetch kernels from a hub;
-    # without it the built-in CPU/CUDA paths are used, which is what we want offline.
-    warnings.filterwarnings('ignore', message=r'.*kernels.*')
+    "Quiet transformers' info logs and per-tensor progress bars while loading"
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
 
 def load_base(name:str='smollm2-135m', # built-in name, local folder or hub id
