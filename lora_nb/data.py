@@ -16,14 +16,14 @@ __all__ = ['TICKET_INSTRUCTION', 'INTENTS', 'TICKET_PHRASINGS', 'HELD_OUT_PER_IN
            'SURNAMES', 'ITEMS', 'CITIES', 'STREETS', 'WEEKDAYS', 'MONTHS', 'ORDER_FORMS', 'NO_ORDER_FORMS',
            'ORDER_SENTENCES', 'URGENT_CUES', 'URGENT_PREFIXES', 'CALM_CUES', 'DISTRACTORS_ANY', 'DISTRACTORS_PURCHASE',
            'PURCHASE_INTENTS', 'SUBJECTS', 'ORDER_RATE', 'SUMMARY_INSTRUCTION', 'SUMMARY_CODES', 'SPLIT_SIZES',
-           'URGENT_RATE', 'TASKS', 'READERS', 'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT', 'ALPACA_PREAMBLE', 'TEMPLATES',
-           'REQUIRED_FIELDS', 'OPTIONAL_FIELDS', 'make_ticket', 'ticket_answer', 'summary_answer', 'make_tickets',
-           'task_splits', 'label_summary', 'DataError', 'task_file_bytes', 'write_task_files', 'first_json_object',
-           'score_ticket', 'score_summary', 'Records', 'read_records', 'split_records', 'build_prompt',
-           'prompt_token_counts', 'first_token_difference', 'ValidationReport', 'validate_records',
-           'prompt_response_ids', 'tokenize_example', 'tokenize_records', 'collate_padded', 'collate_padding_free',
-           'per_example_loss', 'length_grouped_batches', 'random_batches', 'pack_examples', 'token_stats',
-           'padding_cost', 'load_splits']
+           'TEST_HELD_OUT_SHARE', 'URGENT_RATE', 'TASKS', 'SCORERS', 'READERS', 'ALPACA_PROMPT',
+           'ALPACA_PROMPT_NO_INPUT', 'ALPACA_PREAMBLE', 'TEMPLATES', 'REQUIRED_FIELDS', 'OPTIONAL_FIELDS',
+           'make_ticket', 'ticket_answer', 'summary_answer', 'make_tickets', 'task_splits', 'label_summary',
+           'DataError', 'task_file_bytes', 'write_task_files', 'first_json_object', 'score_ticket', 'score_summary',
+           'Records', 'read_records', 'split_records', 'build_prompt', 'prompt_token_counts', 'first_token_difference',
+           'ValidationReport', 'validate_records', 'prompt_response_ids', 'tokenize_example', 'tokenize_records',
+           'collate_padded', 'collate_padding_free', 'per_example_loss', 'length_grouped_batches', 'random_batches',
+           'pack_examples', 'token_stats', 'padding_cost', 'load_splits']
 
 # %% ../nbs/01_data.ipynb #c006
 TICKET_INSTRUCTION = "Triage this support ticket. Reply with JSON: intent, order_id, urgent."
@@ -297,6 +297,7 @@ def summary_answer(intent:str, order_id:str|None, urgent:bool) -> str:
 
 # %% ../nbs/01_data.ipynb #c031
 SPLIT_SIZES = dict(train=2000, val=200, test=200)
+TEST_HELD_OUT_SHARE = HELD_OUT_PER_INTENT / len(TICKET_PHRASINGS[INTENTS[0]])
 URGENT_RATE = 0.4
 
 def _phrasing_ids(held_out:bool) -> range:
@@ -308,10 +309,10 @@ def make_tickets(rng:random.Random, n:int, held_out_share:float=0.0, taken:set|N
     taken = set() if taken is None else taken
     intents = [INTENTS[i % len(INTENTS)] for i in range(n)]
     rng.shuffle(intents)
-    n_held = round(n * held_out_share)
-    out, decks = [], {}
-    for k, intent in enumerate(intents):
-        held = k < n_held
+    n_held = {i: round(intents.count(i) * held_out_share) for i in INTENTS}  # the same share for each intent
+    out, decks, done = [], {}, {i: 0 for i in INTENTS}
+    for intent in intents:
+        held, done[intent] = done[intent] < n_held[intent], done[intent] + 1
         deck = decks.setdefault((intent, held), [])
         if not deck: deck += _phrasing_ids(held); rng.shuffle(deck)  # every phrasing in turn, in random order
         phrasing = deck.pop()
@@ -333,7 +334,7 @@ def task_splits(task:str='tickets', sizes:dict|None=None, with_labels:bool=False
     spec, sizes = TASKS[task], sizes or SPLIT_SIZES
     rng, taken, out = random.Random(spec['seed']), set(), {}
     for split, n in sizes.items():
-        tickets = make_tickets(rng, n, 0.5 if split == 'test' else 0.0, taken)
+        tickets = make_tickets(rng, n, TEST_HELD_OUT_SHARE if split == 'test' else 0.0, taken)
         recs = []
         for t in tickets:
             r = dict(instruction=spec['instruction'], input=t['input'],
@@ -415,7 +416,10 @@ def score_summary(prediction:str, reference:str) -> dict:
     f = [int(len(pred) > i and pred[i] == ref[i]) for i in range(3)]
     return dict(format_valid=valid, intent=f[0], order_id=f[1], urgent=f[2], exact_match=int(valid and all(f)))
 
-# %% ../nbs/01_data.ipynb #c056
+# %% ../nbs/01_data.ipynb #c054
+SCORERS = dict(tickets=score_ticket, summary=score_summary)
+
+# %% ../nbs/01_data.ipynb #c059
 class Records(list):
     "A list of record dicts that remembers its `source` and where each record was (`where[i]`)"
     def __init__(self, items=(), source='<list>', where=None):
@@ -429,10 +433,10 @@ class Records(list):
         "The records at `idxs`, keeping their locations"
         return Records([self[i] for i in idxs], self.source, [self.where[i] for i in idxs])
 
-# %% ../nbs/01_data.ipynb #c057
+# %% ../nbs/01_data.ipynb #c060
 def _decode(data:bytes, path, line:int|None=None) -> str:
-    "Decode UTF-8, or raise a DataError naming the line and column of the first bad byte"
-    try: return data.decode('utf-8')
+    "Decode UTF-8 (dropping a leading byte-order mark), or raise a DataError naming the line and column of the first bad byte"
+    try: return data.decode('utf-8').removeprefix('\ufeff') if line in (None, 1) else data.decode('utf-8')
     except UnicodeDecodeError as e:
         before = data[:e.start]
         ln = line if line is not None else before.count(b'\n') + 1
@@ -474,7 +478,7 @@ def _read_parquet(path:Path) -> Records:
 
 READERS = {'.jsonl': _read_jsonl, '.json': _read_json, '.csv': _read_csv, '.parquet': _read_parquet}
 
-# %% ../nbs/01_data.ipynb #c059
+# %% ../nbs/01_data.ipynb #c062
 def _hub_unreachable() -> str|None:
     "Why the hub cannot be reached (None if it can, or if offline mode lets `datasets` use its cache)"
     from huggingface_hub import constants
@@ -511,7 +515,7 @@ def read_records(source, split:str='train') -> Records:
         raise DataError(f"{source}: file not found")
     return _read_hub(str(source), split)
 
-# %% ../nbs/01_data.ipynb #c067
+# %% ../nbs/01_data.ipynb #c070
 def split_records(records, val_fraction:float=0.1, seed:int=42) -> tuple:
     "(train, val): a seeded random `val_fraction` of `records` held out, both keeping their locations"
     records = read_records(records)
@@ -521,7 +525,7 @@ def split_records(records, val_fraction:float=0.1, seed:int=42) -> tuple:
     n_val = max(1, round(len(idx) * val_fraction))
     return records.subset(sorted(idx[n_val:])), records.subset(sorted(idx[:n_val]))
 
-# %% ../nbs/01_data.ipynb #c070
+# %% ../nbs/01_data.ipynb #c073
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -540,19 +544,19 @@ def build_prompt(record:dict, template:str='alpaca', tokenizer=None) -> str:
         return tokenizer.apply_chat_template([dict(role='user', content=content)], tokenize=False, add_generation_prompt=True)
     raise ValueError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
 
-# %% ../nbs/01_data.ipynb #c078
+# %% ../nbs/01_data.ipynb #c081
 def prompt_token_counts(records, tokenizer, template:str='alpaca', prefix:str='') -> list:
     "Token count of `prefix + build_prompt(r)` for each record"
     return [len(tokenizer(prefix + build_prompt(r, template, tokenizer), add_special_tokens=False)['input_ids']) for r in records]
 
-# %% ../nbs/01_data.ipynb #c082
+# %% ../nbs/01_data.ipynb #c085
 def first_token_difference(a:list, b:list) -> int|None:
     "Index of the first position where token lists `a` and `b` differ (None if equal)"
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y: return i
     return None if len(a) == len(b) else min(len(a), len(b))
 
-# %% ../nbs/01_data.ipynb #c086
+# %% ../nbs/01_data.ipynb #c089
 REQUIRED_FIELDS, OPTIONAL_FIELDS = ('instruction', 'output'), ('input',)
 
 @dataclass
@@ -579,7 +583,7 @@ class ValidationReport:
         out += [f"- conflict: {c}" for c in self.conflicts[:10]]
         return '\n\n'.join(out)
 
-# %% ../nbs/01_data.ipynb #c088
+# %% ../nbs/01_data.ipynb #c091
 def _field_problems(rec) -> list:
     "[(field, problem)] for one record"
     if not isinstance(rec, dict): return [(None, f"expected a record (object with fields), got {type(rec).__name__}")]
@@ -598,7 +602,7 @@ def _field_problems(rec) -> list:
         if f in REQUIRED_FIELDS and not v.strip(): out.append((f, "empty"))
     return out
 
-# %% ../nbs/01_data.ipynb #c091
+# %% ../nbs/01_data.ipynb #c094
 def validate_records(records, tokenizer=None, template:str='alpaca', max_length:int=512, raise_errors:bool=True) -> ValidationReport:
     "Check `records` (anything `read_records` takes); raise one DataError listing every problem"
     records = read_records(records)
@@ -631,7 +635,7 @@ def validate_records(records, tokenizer=None, template:str='alpaca', max_length:
         raise DataError(f"{len(rep.errors)} problem(s) in {records.source}:\n" + '\n'.join(rep.errors[:10]) + more)
     return rep
 
-# %% ../nbs/01_data.ipynb #c097
+# %% ../nbs/01_data.ipynb #c100
 def _bos(tokenizer) -> list:
     "[BOS id] if the tokenizer adds a BOS token on its own, else []"
     bos = getattr(tokenizer, 'bos_token_id', None)
@@ -655,14 +659,14 @@ def tokenize_example(record:dict, tokenizer, template:str='alpaca', max_length:i
     p, r = prompt_response_ids(record, tokenizer, template)
     return dict(input_ids=(p + r)[:max_length], labels=([-100] * len(p) + r)[:max_length])
 
-# %% ../nbs/01_data.ipynb #c102
+# %% ../nbs/01_data.ipynb #c105
 def tokenize_records(records, tokenizer, template:str='alpaca', max_length:int=512) -> list:
     "Validate `records`, then `tokenize_example` each one"
     records = read_records(records)
     validate_records(records, tokenizer, template, max_length)
     return [tokenize_example(r, tokenizer, template, max_length) for r in records]
 
-# %% ../nbs/01_data.ipynb #c111
+# %% ../nbs/01_data.ipynb #c114
 def collate_padded(examples:list, pad_token_id:int, pad_to_multiple_of:int|None=None) -> dict:
     "Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding) as [B, T] tensors"
     import torch
@@ -676,7 +680,7 @@ def collate_padded(examples:list, pad_token_id:int, pad_to_multiple_of:int|None=
         ids[i, :k] = torch.as_tensor(e['input_ids']); labels[i, :k] = torch.as_tensor(e['labels']); mask[i, :k] = 1
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
-# %% ../nbs/01_data.ipynb #c114
+# %% ../nbs/01_data.ipynb #c117
 def collate_padding_free(examples:list) -> dict:
     "One row, no padding: input_ids, labels, position_ids [1, T]; positions restart at 0 per example"
     import torch
@@ -686,7 +690,7 @@ def collate_padding_free(examples:list) -> dict:
         ids += list(e['input_ids']); labels += [-100] + list(e['labels'][1:]); pos += range(k)
     return dict(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]), position_ids=torch.tensor([pos]))
 
-# %% ../nbs/01_data.ipynb #c117
+# %% ../nbs/01_data.ipynb #c120
 def per_example_loss(logits, labels, position_ids=None) -> list:
     "Mean next-token loss of each example: per row, or per segment of a padding-free row (`position_ids`)"
     import torch, torch.nn.functional as F
@@ -697,7 +701,7 @@ def per_example_loss(logits, labels, position_ids=None) -> list:
     # the loss at position t predicts token t+1, so example [s, e) owns loss positions [s, e-1)
     return [float(tok_loss[0, s:e - 1].sum() / counted[0, s:e - 1].sum()) for s, e in zip(starts, starts[1:])]
 
-# %% ../nbs/01_data.ipynb #c124
+# %% ../nbs/01_data.ipynb #c127
 def length_grouped_batches(lengths:list, batch_size:int, seed:int=0, mega:int=50) -> list:
     "Batches of indices with similar `lengths`; random order of examples across mega-batches and of batches"
     rng = random.Random(seed)
@@ -715,7 +719,7 @@ def random_batches(n:int, batch_size:int, seed:int=0) -> list:
     idx = list(range(n)); random.Random(seed).shuffle(idx)
     return [idx[j:j + batch_size] for j in range(0, n, batch_size)]
 
-# %% ../nbs/01_data.ipynb #c127
+# %% ../nbs/01_data.ipynb #c130
 def pack_examples(lengths:list, max_length:int) -> list:
     "Rows of example indices, each row's total length <= max_length (first-fit decreasing)"
     rows, room = [], []
@@ -726,7 +730,7 @@ def pack_examples(lengths:list, max_length:int) -> list:
         else: rows.append([i]); room.append(max_length - lengths[i])
     return rows
 
-# %% ../nbs/01_data.ipynb #c130
+# %% ../nbs/01_data.ipynb #c133
 def token_stats(records, tokenizer, template:str='alpaca') -> dict:
     "Prompt and response (+EOS) token counts of each record: {'prompt': [...], 'response': [...]}"
     pr = [_prompt_response_lengths(r, tokenizer, template) for r in read_records(records)]
@@ -736,7 +740,7 @@ def _describe(xs:list) -> dict:
     s = sorted(xs)
     return dict(mean=round(sum(s) / len(s), 1), median=s[len(s) // 2], p95=s[int(0.95 * (len(s) - 1))], max=s[-1])
 
-# %% ../nbs/01_data.ipynb #c136
+# %% ../nbs/01_data.ipynb #c139
 def padding_cost(lengths:list, batch_size:int=8, max_length:int=512, seed:int=0) -> list:
     "Tokens computed vs real tokens for each batching strategy: one dict per strategy"
     real = sum(lengths)
@@ -748,7 +752,7 @@ def padding_cost(lengths:list, batch_size:int=8, max_length:int=512, seed:int=0)
     return [dict(strategy=k, computed_tokens=v, padding_tokens=v - real, waste=round((v - real) / v, 4),
                  cost_vs_padding_free=round(v / real, 2)) for k, v in plans.items()]
 
-# %% ../nbs/01_data.ipynb #c141
+# %% ../nbs/01_data.ipynb #c144
 def load_splits(data_cfg) -> dict:
     "{'train', 'val', 'test'} Records from a `DataCfg` (`cfg.data`); 'test' is None when `test_file` is empty"
     from lora_nb.config import project_root

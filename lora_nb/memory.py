@@ -393,7 +393,9 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
 # %% ../nbs/04a_memory.ipynb #c074
 def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', rank:int=16, seq:int=512, batch:int=1,
                         optim:str='adamw', targets:str='all-linear', lora_dropout:float=0.05,
-                        gradient_checkpointing:bool=False, steps:int=2, device:str='cpu', timeout:float=1800) -> dict:
+                        gradient_checkpointing:bool=False, steps:int=2, device:str='cpu',
+                        return_freed:bool=True, # CPU: glibc returns freed blocks >= 64 KB to the OS, so RSS follows live tensors
+                        timeout:float=1800) -> dict:
     "Peak memory of `steps` real training steps of `model`, measured in a fresh Python process"
     if method not in ('full', 'lora', 'qlora'): raise ValueError(f"method {method!r}: use full, lora or qlora")
     if steps < 2: raise ValueError("steps must be >= 2: optimizer states exist from the second step on")
@@ -401,7 +403,8 @@ def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', r
               lora_dropout=lora_dropout, gradient_checkpointing=gradient_checkpointing, steps=steps, device=device)
     code = ('import json, sys; from lora_nb.memory import _measure_here; '
             'print("LORA_NB_PEAK", json.dumps(_measure_here(**json.loads(sys.argv[1]))))')
-    r = subprocess.run([sys.executable, '-c', code, json.dumps(kw)], capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, **({'MALLOC_MMAP_THRESHOLD_': '65536'} if return_freed else {})}
+    r = subprocess.run([sys.executable, '-c', code, json.dumps(kw)], capture_output=True, text=True, timeout=timeout, env=env)
     found = [l for l in r.stdout.splitlines() if l.startswith('LORA_NB_PEAK ')]
     if r.returncode or not found:
         raise RuntimeError(f"measure_peak_memory({kw}) failed (exit {r.returncode}):\n{r.stderr[-3000:]}")

@@ -182,8 +182,11 @@ def _drop_kernels_hub_notice(record) -> bool:
 logging.getLogger('bitsandbytes.backends.cpu.ops').addFilter(_drop_kernels_hub_notice)
 
 def _silence_known_warnings():
-    "Quiet transformers' info logs and per-tensor progress bars while loading"
+    "Quiet transformers' info logs and per-tensor progress bars while loading, and one known deprecation"
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
+    # PEFT and the Trainer call transformers' deprecated `is_gradient_checkpointing` alias internally;
+    # nothing in lora_nb's code to change, and it would print on every adapter attach or load.
+    warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated', category=FutureWarning)
 
 def load_base(name:str='smollm2-135m', # built-in name, local folder or hub id
               dtype:str='float32', # storage dtype of the weights that are not quantized

@@ -13,7 +13,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['pick_precision', 'prepare_examples', 'supervised_positions', 'answer_loss', 'LoraTrainer', 'training_args',
            'LivePlot', 'in_notebook', 'TrainingError', 'oom_advice', 'run_folder', 'last_checkpoint', 'apply_preset',
-           'train']
+           'train', 'run_grid']
 
 # %% ../nbs/03_training.ipynb #c004
 import torch
@@ -198,7 +198,7 @@ def apply_preset(cfg:Config, n_examples:int) -> Config:
     return cfg
 
 # %% ../nbs/03_training.ipynb #c030
-def _metrics(trainer, rep, run_dir, seconds, n_train) -> dict:
+def _metrics(trainer, rep, run_dir, seconds, n_train, resumed_from=None) -> dict:
     hist = trainer.state.log_history
     train_logs = [h for h in hist if 'loss' in h]; evals = [h for h in hist if 'eval_loss' in h]
     tps = [h['tokens_per_sec'] for h in train_logs if 'tokens_per_sec' in h]
@@ -208,15 +208,13 @@ def _metrics(trainer, rep, run_dir, seconds, n_train) -> dict:
                 tokens_per_sec=round(sum(tps) / len(tps), 1) if tps else None,
                 trainable_params=rep.trainable, total_params=rep.total,
                 world_size=trainer.args.world_size, distributed=str(trainer.accelerator.distributed_type),
-                log_history=hist)
+                resumed_from=resumed_from, log_history=hist)
 
 def train(cfg:Config, name:str|None=None, resume:bool=False, callbacks=(), plot:bool|None=None) -> Path:
     "Fine-tune a LoRA adapter as `cfg` says; returns the run folder"
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
     if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
-    # transformers' own Trainer/PEFT internals call this deprecated alias; nothing in our code to change.
-    warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated', category=FutureWarning)
     run_dir = run_folder(cfg, name)
     if run_dir.exists() and not resume and any(run_dir.glob('checkpoint-*')):
         raise TrainingError(f"{run_dir} already holds checkpoints: pass resume=True (--resume) or another name")
@@ -240,6 +238,25 @@ def train(cfg:Config, name:str|None=None, resume:bool=False, callbacks=(), plot:
     if args.should_save:
         build_atomically(run_dir/'adapter.tmp-final', lambda tmp: (model.save_pretrained(tmp, save_embedding_layers=False), tok.save_pretrained(tmp)))
         shutil.rmtree(run_dir/'adapter', ignore_errors=True); os.replace(run_dir/'adapter.tmp-final', run_dir/'adapter')
-        m = _metrics(trainer, trainable_report(model), run_dir, time.time() - t0, len(train_ex))
+        m = _metrics(trainer, trainable_report(model), run_dir, time.time() - t0, len(train_ex), ckpt and ckpt.name)
         atomic_write_text(run_dir/'metrics.json', json.dumps(m, indent=1))
     return run_dir
+
+# %% ../nbs/03_training.ipynb #c037
+def run_grid(cfg:Config, grid:list[list[str]], prefix:str='grid') -> list[dict]:
+    "Train one run per override list in `grid` (on top of `cfg`); one result row per run"
+    rows = []
+    for i, overrides in enumerate(grid):
+        c = load_config(overrides=[*_overrides_of(cfg), *overrides])
+        run = train(c, name=f'{prefix}-{i}-{datetime.now():%H%M%S}', plot=False)
+        m = json.loads((run/'metrics.json').read_text())
+        rows.append(dict(settings=' '.join(overrides) or '(defaults)', final_train_loss=m['final_train_loss'],
+                         final_eval_loss=m['final_eval_loss'], trainable_params=m['trainable_params'],
+                         seconds=m['train_seconds'], run=m['run']))
+    return rows
+
+def _overrides_of(cfg:Config) -> list[str]:
+    "`cfg` as a list of section.key=value overrides (so a grid row can start from it)"
+    import dataclasses
+    from lora_nb.config import SECTIONS, _fmt
+    return [f'{sec}.{k}={_fmt(v)}' for sec in SECTIONS for k, v in dataclasses.asdict(getattr(cfg, sec)).items()]

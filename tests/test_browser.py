@@ -4,7 +4,9 @@ One JupyterLab server (the venv's own, so kernels `import lora_nb`) serves a tem
 is opened in its own workspace, run with Run All from the menu, saved, and checked:
 every code cell ran, no error and no stderr output, every plot is an image on the page, every widget is live,
 and moving one slider changes what the chapter shows, in agreement with the plain function the widget wraps.
-A screenshot of each notebook goes to tests/artifacts/. Kernels get LORA_NB_PROFILE (default: fast).
+A screenshot of each notebook goes to tests/artifacts/. Kernels get LORA_NB_PROFILE (default: fast); in the fast
+profile the cells `nbdev-test` skips (`#| slow`: real model) are left out of the copy, as nbdev-test leaves them out;
+`LORA_NB_PROFILE= pytest tests/test_browser.py` runs every cell with the real model (minutes).
 Needs chromium (`apt-get install -y chromium`) and playwright (`pip install playwright`; never `playwright install`).
 """
 from __future__ import annotations
@@ -52,14 +54,43 @@ def write_lab_settings(settings_dir: Path):
         p.write_text(json.dumps(d))
 
 
+def nbdev_skip_flags() -> set:
+    "Cell flags plain `nbdev-test` skips (pyproject [tool.nbdev] tst_flags, e.g. slow = real-model cells)"
+    import tomllib
+    return set(tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['nbdev'].get('tst_flags', '').split())
+
+
+def cell_flags(cell) -> set:
+    "Directives of a code cell's leading `#| ...` lines ({'slow', 'export', ...})"
+    out = set()
+    for line in cell.source.splitlines():
+        if not line.startswith('#|'): break
+        out.update(re.findall(r'[\w-]+', line[2:])[:1])
+    return out
+
+
+def copy_notebooks(dest: Path, drop_flags: set) -> dict:
+    "Copy nbs/ to `dest`, leaving out code cells flagged with `drop_flags` (as nbdev-test does); {notebook: n dropped}"
+    shutil.copytree(ROOT / 'nbs', dest, ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
+    dropped = {}
+    for path in dest.glob('*.ipynb'):
+        nb = nbformat.read(path, as_version=4)
+        keep = [c for c in nb.cells if c.cell_type != 'code' or not cell_flags(c) & drop_flags]
+        if len(keep) < len(nb.cells):
+            dropped[path.name], nb.cells = len(nb.cells) - len(keep), keep
+            nbformat.write(nb, path)
+    return dropped
+
+
 @pytest.fixture(scope='session')
 def lab(tmp_path_factory):
     "A JupyterLab server on 127.0.0.1 serving a copy of nbs/; yields a dict with url, token, root, runtime dir"
     jupyter = venv_tool('jupyter')
     require(jupyter and (jupyter.parent / 'jupyter-lab').exists(), 'jupyterlab is not installed in the venv')
     tmp = tmp_path_factory.mktemp('lab')
-    root = tmp / 'nbs'
-    shutil.copytree(ROOT / 'nbs', root, ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
+    root, profile = tmp / 'nbs', os.environ.get('LORA_NB_PROFILE', 'fast')
+    # the fast profile runs what `nbdev-test` runs (real-model `#| slow` cells left out); any other profile runs all
+    dropped = copy_notebooks(root, nbdev_skip_flags() if profile == 'fast' else set())
     dirs = {k: tmp / k for k in ('config', 'runtime', 'ipython', 'mpl', 'settings', 'workspaces')}
     for d in dirs.values(): d.mkdir()
     write_lab_settings(dirs['settings'])
@@ -68,7 +99,7 @@ def lab(tmp_path_factory):
                IPYTHONDIR=str(dirs['ipython']), MPLCONFIGDIR=str(dirs['mpl']),
                JUPYTERLAB_SETTINGS_DIR=str(dirs['settings']), JUPYTERLAB_WORKSPACES_DIR=str(dirs['workspaces']),
                LORA_NB_SETTINGS=str(ROOT / 'settings.ini'),  # data paths resolve against the real checkout
-               LORA_NB_PROFILE=os.environ.get('LORA_NB_PROFILE', 'fast'))
+               LORA_NB_PROFILE=profile)
     port = free_port()
     cmd = [str(jupyter), 'lab', '--no-browser', '--ip=127.0.0.1', f'--port={port}', '--port-retries=0',
            f'--ServerApp.root_dir={root}', f'--IdentityProvider.token={TOKEN}']
@@ -78,7 +109,7 @@ def lab(tmp_path_factory):
     url = f'http://127.0.0.1:{port}'
     try:
         record_timing('lab', 'server start', wait_for_http(f'{url}/api/status?token={TOKEN}', proc, log))
-        yield dict(url=url, token=TOKEN, root=root, runtime=dirs['runtime'], log=log)
+        yield dict(url=url, token=TOKEN, root=root, runtime=dirs['runtime'], log=log, dropped=dropped)
     finally:
         stop_process(proc)
 
@@ -356,7 +387,8 @@ def test_notebook_in_browser(name, browser, lab, artifacts):
             try: slider = check_slider(page, lab, name)
             except (AssertionError, pytest.fail.Exception) as e: problems.append(f"widget: {e}")
         assert not problems, f"{name}:\n" + '\n'.join(problems)
-        print(f"{name}: {len(nb.cells)} cells, {n_png} plots, {n_widgets} widgets; slider: {slider}")
+        print(f"{name}: {len(nb.cells)} cells ({lab['dropped'].get(name, 0)} flagged cells left out), {n_png} plots, "
+              f"{n_widgets} widgets; slider: {slider}")
     finally:
         lap('')
         record_timing('browser', f'{stem} total', time.time() - t0)

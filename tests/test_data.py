@@ -7,9 +7,9 @@ import pytest
 
 from lora_nb.config import load_config, project_root
 from lora_nb.data import (
-    INTENTS, MONTHS, SPLIT_SIZES, SUMMARY_CODES, TASKS, TICKET_INSTRUCTION, WEEKDAYS, DataError, Records,
+    INTENTS, MONTHS, SPLIT_SIZES, SUMMARY_CODES, TASKS, TEST_HELD_OUT_SHARE, TICKET_INSTRUCTION, WEEKDAYS, DataError, Records,
     build_prompt, collate_padded, collate_padding_free, first_json_object, length_grouped_batches, load_splits,
-    pack_examples, padding_cost, per_example_loss, random_batches, read_records, score_summary, score_ticket,
+    SCORERS, pack_examples, padding_cost, per_example_loss, random_batches, read_records, score_summary, score_ticket,
     split_records, task_file_bytes, task_splits, tokenize_example, tokenize_records, validate_records,
     write_task_files)
 
@@ -62,7 +62,7 @@ def test_held_out_phrasings_only_in_test(labelled):
     for splits in labelled.values():
         for split, recs in splits.items():
             held = [r['labels']['held_out'] for r in recs]
-            assert sum(held) == (len(recs) // 2 if split == 'test' else 0)
+            assert sum(held) == (round(len(recs) * TEST_HELD_OUT_SHARE) if split == 'test' else 0)
         seen = {(r['labels']['intent'], r['labels']['phrasing']) for r in splits['train']}
         unseen = {(r['labels']['intent'], r['labels']['phrasing']) for r in splits['test']} - seen
         assert len(unseen) == 3 * len(INTENTS)
@@ -150,6 +150,16 @@ def test_score_ticket_null_order():
     with pytest.raises(DataError, match='reference is not valid JSON'): score_ticket(ref, 'ACCOUNT | no order | normal')
 
 
+def test_every_shipped_answer_scores_one_against_itself_and_zero_against_other_labels(labelled):
+    for task, splits in labelled.items():
+        score = SCORERS[task]
+        recs = splits['test']
+        for a, b in zip(recs, recs[1:] + recs[:1]):
+            assert score(a['output'], a['output'])['exact_match'] == 1
+            same = all(a['labels'][k] == b['labels'][k] for k in ('intent', 'order_id', 'urgent'))
+            assert score(a['output'], b['output'])['exact_match'] == int(same)
+
+
 def test_first_json_object():
     assert first_json_object('x {"a": {"b": 1}} {"c": 2}') == {'a': {'b': 1}}
     assert first_json_object('no json here') is None
@@ -196,6 +206,14 @@ def test_read_all_formats(tmp_path):
     assert read_records(RECS).where[0] == 'record 1'
     import datasets
     assert list(read_records(datasets.Dataset.from_list(RECS))) == RECS
+
+
+def test_byte_order_mark_is_dropped(tmp_path):
+    (tmp_path/'bom.csv').write_bytes(b'\xef\xbb\xbfinstruction,input,output\r\nTriage.,hi,ok\r\n')
+    (tmp_path/'bom.jsonl').write_bytes(b'\xef\xbb\xbf{"instruction": "Triage.", "input": "hi", "output": "ok"}\n')
+    for name in ['bom.csv', 'bom.jsonl']:
+        assert list(read_records(tmp_path/name)) == [dict(instruction='Triage.', input='hi', output='ok')]
+        assert validate_records(tmp_path/name).ok
 
 
 def test_read_errors(tmp_path):
