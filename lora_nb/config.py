@@ -13,7 +13,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['SECTIONS', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'EvalCfg', 'ExportCfg', 'Config', 'ConfigError',
            'parse_value', 'read_settings', 'read_profile', 'parse_override', 'find_settings', 'project_root',
-           'load_config', 'atomic_write_text', 'config_to_ini', 'save_config']
+           'load_config', 'atomic_write_text', 'config_to_ini', 'save_config', 'hub_unreachable']
 
 # %% ../nbs/10_config.ipynb #c006
 def _opt(*choices, check=None, why=''):
@@ -247,7 +247,7 @@ def atomic_write_text(path, text:str):
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f: f.write(text); f.flush(); os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
@@ -269,3 +269,15 @@ def config_to_ini(cfg:Config) -> str:
 def save_config(cfg:Config, path):
     "Write `cfg` to `path` (atomically) as an ini file that `load_config` reads back"
     atomic_write_text(path, config_to_ini(cfg))
+
+# %% ../nbs/10_config.ipynb #c035
+def hub_unreachable(timeout:float=3.0) -> str|None:
+    "Why the Hugging Face hub cannot be reached, or None (also None in offline mode, where caches are used)"
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE: return None
+    u = urlparse(constants.ENDPOINT)
+    try: socket.create_connection((u.hostname, u.port or 443), timeout=timeout).close()
+    except OSError as e: return f"cannot reach {u.hostname}: {e}"
+    return None

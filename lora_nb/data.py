@@ -6,10 +6,10 @@ Docs: https://github.com/lora-nb/lora_nb/data.html.md"""
 
 # %% ../nbs/01_data.ipynb #c003
 from __future__ import annotations
-import csv, difflib, hashlib, io, json, math, random, re, socket
-from urllib.parse import urlparse
+import csv, difflib, hashlib, io, json, math, random, re
 from dataclasses import dataclass, field
 from pathlib import Path
+from .config import hub_unreachable
 
 # %% auto #0
 __all__ = ['TICKET_INSTRUCTION', 'INTENTS', 'TICKET_PHRASINGS', 'HELD_OUT_PER_INTENT', 'GREETINGS', 'SIGNOFFS', 'NAMES',
@@ -479,19 +479,10 @@ def _read_parquet(path:Path) -> Records:
 READERS = {'.jsonl': _read_jsonl, '.json': _read_json, '.csv': _read_csv, '.parquet': _read_parquet}
 
 # %% ../nbs/01_data.ipynb #c062
-def _hub_unreachable() -> str|None:
-    "Why the hub cannot be reached (None if it can, or if offline mode lets `datasets` use its cache)"
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE: return None
-    host = urlparse(constants.ENDPOINT).hostname
-    try: socket.create_connection((host, 443), timeout=5).close()
-    except OSError as e: return f"cannot reach {host}: {e}"
-    return None
-
 def _read_hub(name:str, split:str) -> Records:
     hint = (f"use a local file ({', '.join(READERS)}) or a Python list of records "
             "(a dataset already in the local cache loads with HF_HUB_OFFLINE=1)")
-    if why := _hub_unreachable():
+    if why := hub_unreachable(timeout=5):
         raise DataError(f"could not load {name!r} from the Hugging Face hub ({why}). This machine is offline: {hint}")
     try:
         import datasets

