@@ -10,7 +10,7 @@ import argparse, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_tensorboard', 'build_parser', 'main']
+__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_estimate', 'cmd_tensorboard', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c006
 def _settings_args(p):
@@ -70,6 +70,14 @@ def cmd_demo(a):
     from lora_nb.demo import run_demo
     run_demo(_cfg(a), name=a.name)
 
+def cmd_estimate(a):
+    "Estimate training memory from a model config (per process)"
+    from lora_nb.memory import estimate_memory, format_estimate
+    est = estimate_memory(a.model, method=a.method, rank=a.rank, seq=a.seq, batch=a.batch, optim=a.optim,
+                          targets=a.targets, gradient_checkpointing=a.gradient_checkpointing, dtype=a.dtype,
+                          n_processes=a.processes, zero_stage=a.zero_stage, device=a.device)
+    print(format_estimate(est))
+
 def cmd_tensorboard(a):
     "Serve TensorBoard over the runs folder"
     from lora_nb.config import project_root
@@ -95,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('-m', '--message', help='one message instead of reading stdin')
     s = add('demo', cmd_demo, 'zero-shot -> train -> eval on the ticket task'); _settings_args(s)
     s.add_argument('--name', help='run name')
+    s = add('estimate', cmd_estimate, 'estimate training memory from a model config')
+    s.add_argument('--model', default='smollm2-135m', help='built-in name, model folder, config.json or hub id')
+    s.add_argument('--method', choices=['full', 'lora', 'qlora'], default='lora')
+    s.add_argument('--rank', type=int, default=16); s.add_argument('--seq', type=int, default=512)
+    s.add_argument('--batch', type=int, default=1, help='batch per process')
+    s.add_argument('--optim', default='adamw', help='adamw | adamw_8bit | sgd')
+    s.add_argument('--targets', default='all-linear'); s.add_argument('--dtype', choices=['bf16', 'fp32'], default='bf16')
+    s.add_argument('--gradient-checkpointing', action='store_true')
+    s.add_argument('--processes', type=int, default=1); s.add_argument('--zero-stage', type=int, choices=[0, 1, 2, 3], default=0)
+    s.add_argument('--device', choices=['cuda', 'cpu'], default='cuda')
     s = add('tensorboard', cmd_tensorboard, 'serve TensorBoard over runs/')
     s.add_argument('--logdir'); s.add_argument('--host', default='127.0.0.1'); s.add_argument('--port', type=int, default=6006)
     return p
@@ -102,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../nbs/11_cli.ipynb #c012
 def _user_errors() -> tuple:
     from lora_nb.config import ConfigError
-    errs = [ConfigError, FileNotFoundError]
+    errs = [ConfigError, FileNotFoundError, ValueError]
     for mod, name in [('lora_nb.models', 'ModelLoadError'), ('lora_nb.models', 'TargetError'), ('lora_nb.data', 'DataError'),
                       ('lora_nb.train', 'TrainingError')]:
         if mod in sys.modules: errs.append(getattr(sys.modules[mod], name))
@@ -114,6 +132,6 @@ def main(argv=None):
     try: a.fn(a)
     except KeyboardInterrupt: sys.exit(130)
     except Exception as e:
-        if isinstance(e, _user_errors()):
+        if isinstance(e, _user_errors()) and not os.environ.get('LORA_NB_DEBUG'):
             print(f"lora-nb {a.command}: error: {e}", file=sys.stderr); sys.exit(1)
         raise

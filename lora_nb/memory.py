@@ -61,23 +61,26 @@ def _config_dict(config_or_name) -> tuple[str, dict]:
     if isinstance(config_or_name, dict): return config_or_name.get('_name_or_path') or 'config', config_or_name
     if hasattr(config_or_name, 'to_dict'):  # a transformers PretrainedConfig
         return getattr(config_or_name, 'name_or_path', '') or config_or_name.model_type, config_or_name.to_dict()
-    from lora_nb.models import BUILTIN_MODELS, ModelLoadError, hub_reachable, resolve_model  # imports torch: only here
+    from lora_nb.models import BUILTIN_MODELS, ModelLoadError, resolve_model  # imports torch: only here
     name = str(config_or_name)
     path = Path(resolve_model(name) if name in BUILTIN_MODELS else name).expanduser()
     if path.is_dir(): path = path/'config.json'
     if path.is_file(): return name, json.loads(path.read_text())
     if name.startswith(('.', '/', '~')) or name.endswith('.json'): raise ModelLoadError(f"{name}: no such config file or folder")
     from transformers import AutoConfig
-    try: cfg = AutoConfig.from_pretrained(name, local_files_only=not hub_reachable())
-    except OSError: raise ModelLoadError(f"could not read the config of {name!r}: offline and not in the local hub cache. "
-                                         f"Pass a config.json file or folder, or a built-in name ({', '.join(BUILTIN_MODELS)})") from None
+    from lora_nb.config import hub_unreachable
+    why = hub_unreachable()
+    try: cfg = AutoConfig.from_pretrained(name, local_files_only=bool(why))
+    except OSError as e:
+        raise ModelLoadError(f"could not read the config of {name!r} ({why or e}). Pass a config.json file or folder, "
+                             f"or a built-in name ({', '.join(BUILTIN_MODELS)})") from None
     return name, cfg.to_dict()
 
 def model_shape(config_or_name) -> ModelShape:
     "The `ModelShape` of a built-in name, folder, config.json, hub id, transformers config or dict"
     if isinstance(config_or_name, ModelShape): return config_or_name
     name, d = _config_dict(config_or_name)
-    d = d.get('text_config') or d if 'hidden_size' not in d else d
+    if 'hidden_size' not in d and d.get('text_config'): d = d['text_config']  # multimodal configs nest the decoder's
     need = ['vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads']
     if missing := [k for k in need if d.get(k) is None]:
         raise ValueError(f"{name}: config lacks {', '.join(missing)}; estimate_memory needs a Llama-style decoder config")
@@ -270,9 +273,7 @@ class MemoryEstimate:
         return (f"{self.model}: {what}, {s['dtype']}, batch {s['batch']} x seq {s['seq']}, {s['optim']}, "
                 f"{'gradient checkpointing, ' if self.gradient_checkpointing else ''}{procs} ({s['device']})")
 
-    def _repr_markdown_(self):
-        return '\n'.join([f"**{self.title()}**", '', "| part | bytes |", '| --- | ---: |'] +
-                         [f"| {k} | {format_bytes(v)} |" for k, v in self.rows()])
+    def _repr_html_(self): return estimate_html(self)
 
 def format_bytes(n:float) -> str:
     "`n` bytes in decimal MB below 1 GB, else GB"
@@ -347,7 +348,7 @@ def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
-# %% ../nbs/04a_memory.ipynb #c083
+# %% ../nbs/04a_memory.ipynb #c085
 _LOAD_DTYPE = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp16': 'float16', 'float16': 'float16'}
 
 def _rss_now() -> int:
@@ -405,7 +406,7 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
     return dict(peak_bytes=peak, baseline_bytes=baseline, peak_reset_after_load=reset, losses=losses,
                 step_seconds=(time.time() - t0) / steps, device=device)
 
-# %% ../nbs/04a_memory.ipynb #c084
+# %% ../nbs/04a_memory.ipynb #c086
 def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', rank:int=16, seq:int=512, batch:int=1,
                         optim:str='adamw', targets:str='all-linear', lora_dropout:float=0.05,
                         gradient_checkpointing:bool=False, steps:int=2, device:str='cpu',
@@ -425,7 +426,7 @@ def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', r
         raise RuntimeError(f"measure_peak_memory({kw}) failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(found[-1].split(' ', 1)[1])
 
-# %% ../nbs/04a_memory.ipynb #c094
+# %% ../nbs/04a_memory.ipynb #c096
 _PART_COLORS = {'weights': '#4c72b0', 'gradients': '#dd8452', 'optimizer states': '#c44e52', 'activations': '#55a868'}
 
 def estimate_html(est:MemoryEstimate) -> str:
@@ -441,29 +442,22 @@ def estimate_html(est:MemoryEstimate) -> str:
             f'<div style="display:flex;height:14px;width:480px;margin:6px 0;border:1px solid #ccc">{bar}</div>'
             f'<table>{rows}</table></div>')
 
-MemoryEstimate._repr_html_ = estimate_html
-
-# %% ../nbs/04a_memory.ipynb #c095
+# %% ../nbs/04a_memory.ipynb #c097
 def memory_calculator(config_or_name='smollm2-135m', **settings):
-    "A live ipywidgets calculator over `estimate_memory` (`settings`: its starting arguments)"
+    "`ipywidgets.interactive` over `estimate_memory`: sliders for rank, seq and batch, menus for method, dtype, optimizer"
     import ipywidgets as W
     shape = model_shape(config_or_name)  # read the config once
-    s = dict(method='lora', dtype='bf16', optim='adamw', rank=16, seq=512, batch=1, gradient_checkpointing=False) | settings
+    s = dict(rank=16, seq=512, batch=1, method='lora', dtype='bf16', optim='adamw', gradient_checkpointing=False) | settings
+    fixed = {k: v for k, v in settings.items() if k not in ('rank', 'seq', 'batch', 'method', 'dtype', 'optim', 'gradient_checkpointing')}
+    def estimate(rank, seq, batch, method, dtype, optim, gradient_checkpointing):
+        return estimate_memory(shape, method=method, rank=rank, seq=seq, batch=batch, optim=optim, dtype=dtype,
+                               gradient_checkpointing=gradient_checkpointing, **fixed)
     controls = dict(
-        method=W.Dropdown(options=['full', 'lora', 'qlora'], value=s['method'], description='method'),
-        dtype=W.Dropdown(options=['bf16', 'fp32'], value=s['dtype'], description='dtype'),
-        optim=W.Dropdown(options=['adamw', 'adamw_8bit', 'sgd'], value=s['optim'], description='optimizer'),
         rank=W.IntSlider(value=s['rank'], min=1, max=256, description='rank'),
         seq=W.IntSlider(value=s['seq'], min=16, max=8192, step=16, description='seq'),
         batch=W.IntSlider(value=s['batch'], min=1, max=64, description='batch'),
+        method=W.Dropdown(options=['full', 'lora', 'qlora'], value=s['method'], description='method'),
+        dtype=W.Dropdown(options=['bf16', 'fp32'], value=s['dtype'], description='dtype'),
+        optim=W.Dropdown(options=['adamw', 'adamw_8bit', 'sgd'], value=s['optim'], description='optimizer'),
         gradient_checkpointing=W.Checkbox(value=s['gradient_checkpointing'], description='gradient checkpointing'))
-    fixed = {k: v for k, v in settings.items() if k not in controls}
-    result = W.HTML()
-    def update(change=None):
-        result.value = estimate_html(estimate_memory(shape, **{k: c.value for k, c in controls.items()}, **fixed))
-    for c in controls.values(): c.observe(update, names='value')
-    update()
-    box = W.VBox([W.HBox([controls[k] for k in ('method', 'dtype', 'optim')]),
-                  W.HBox([controls[k] for k in ('rank', 'seq', 'batch')]), controls['gradient_checkpointing'], result])
-    box.controls, box.result = controls, result
-    return box
+    return W.interactive(estimate, **controls)

@@ -116,14 +116,16 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def browser():
-    "Headless Chromium driven by playwright"
+    "A browser context of headless Chromium, driven by playwright"
     exe = find_chromium()
     require(exe, 'chromium not found: apt-get update && apt-get install -y chromium (never `playwright install`)')
     try: from playwright.sync_api import sync_playwright
     except ImportError: require(False, 'playwright is not installed: .venv/bin/pip install playwright')
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
-        yield b
+        context = b.new_context(viewport={'width': 1400, 'height': 1000})  # one context: JupyterLab's assets cached
+        yield context
+        context.close()
         b.close()
 
 
@@ -214,7 +216,7 @@ def saved_problems(nb) -> list[str]:
     out = []
     for i, c in enumerate(nb.cells):
         if c.cell_type != 'code' or not c.source.strip(): continue
-        where = f"cell {i} ({first_line(c)!r})"
+        where = f"cell {c.get('id', i)} ({first_line(c)!r})"  # ids survive the copy; indexes shift when cells are left out
         if c.execution_count is None: out.append(f"{where}: did not run")
         for o in c.outputs:
             if o.output_type == 'error':
@@ -253,6 +255,16 @@ SHOWN_JS = """() => {
                  .filter(o => !o.closest('.jupyter-widgets') && !o.querySelector(':scope > .jupyter-widgets'))
                  .map(o => o.innerText));
   return parts.join('\\n');
+}"""
+
+# before the screenshot: bring the first widget, else the last plot, else the end of the notebook into view
+SCROLL_TO_SHOW_JS = """() => {
+  const nb = document.querySelector('.jp-Notebook');
+  if (!nb) return;
+  const imgs = nb.querySelectorAll('.jp-OutputArea-output img');
+  const t = nb.querySelector('.jp-OutputArea-output .jupyter-widgets') || imgs[imgs.length - 1]
+            || [...nb.querySelectorAll('.jp-Cell')].pop();
+  if (t) t.scrollIntoView({block: 'center'});
 }"""
 
 RENDER_HTML_JS = """html => {
@@ -354,8 +366,7 @@ def test_notebook_in_browser(name, browser, lab, artifacts):
     stem, path = Path(name).stem, lab['root'] / name
     t0 = time.time()
     deadline = t0 + TIMEOUT
-    context = browser.new_context(viewport={'width': 1400, 'height': 1000})
-    page = context.new_page()
+    page = browser.new_page()
     page.set_default_timeout(30_000)
     phase, t = 'open', time.time()
 
@@ -392,7 +403,10 @@ def test_notebook_in_browser(name, browser, lab, artifacts):
     finally:
         lap('')
         record_timing('browser', f'{stem} total', time.time() - t0)
-        try: page.screenshot(path=str(artifacts / f'{stem}.png'))
+        try:
+            page.evaluate(SCROLL_TO_SHOW_JS)
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(artifacts / f'{stem}.png'))
         except Exception as e: print(f'no screenshot of {name}: {e}')
-        context.close()
+        page.close()
         shutdown_kernels(lab, name)
