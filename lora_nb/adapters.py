@@ -15,8 +15,8 @@ from pathlib import Path
 __all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'MERGE_TOLERANCE', 'task_overrides', 'checkpoint_bytes', 'AdapterSize',
            'adapter_size', 'AdapterError', 'read_adapter_config', 'base_model_name', 'read_adapter_weights',
            'check_adapter_fits', 'check_adapter_loaded', 'load_adapter', 'using_adapter', 'evaluate_adapters',
-           'exact_match_table', 'save_adapter', 'check_records', 'prompt_logits', 'logit_gap', 'run_quant_settings',
-           'dequantized_base', 'merge_adapter']
+           'exact_match_table', 'combine_adapters', 'save_adapter', 'check_records', 'prompt_logits', 'logit_gap',
+           'run_quant_settings', 'dequantized_base', 'merge_adapter']
 
 # %% ../nbs/05_adapters.ipynb #c004
 import torch
@@ -223,7 +223,15 @@ def exact_match_table(results:dict) -> dict:
     "{adapter: {task: exact match}} from `evaluate_adapters` results"
     return {name: {task: m['exact_match'] for task, m in by_task.items()} for name, by_task in results.items()}
 
-# %% ../nbs/05_adapters.ipynb #c065
+# %% ../nbs/05_adapters.ipynb #c063
+def combine_adapters(model, adapters:list, weights:list, name:str, combination_type:str='cat') -> str:
+    "PEFT's `add_weighted_adapter`, with the new adapter in the model's train/eval mode (PEFT leaves it training)"
+    training = model.training
+    model.add_weighted_adapter(adapters, weights, name, combination_type=combination_type)
+    model.train(training)
+    return name
+
+# %% ../nbs/05_adapters.ipynb #c069
 def save_adapter(model, adapter_dir, name:str|None=None, tokenizer=None) -> Path:
     "Write adapter `name` (default: the active one) of PEFT `model` to the new folder `adapter_dir`, in PEFT format"
     dest = Path(adapter_dir)
@@ -239,7 +247,7 @@ def save_adapter(model, adapter_dir, name:str|None=None, tokenizer=None) -> Path
         read_adapter_config(tmp); read_adapter_weights(tmp)
     return build_atomically(dest, build)
 
-# %% ../nbs/05_adapters.ipynb #c070
+# %% ../nbs/05_adapters.ipynb #c074
 MERGE_TOLERANCE = 1e-4  # largest fp32 logit difference allowed between merged and base + adapter
 
 def check_records(n_per_task:int=2) -> list[dict]:
@@ -261,7 +269,7 @@ def logit_gap(a:list, b:list) -> float:
     "Largest absolute difference between two lists of logits from `prompt_logits`"
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
-# %% ../nbs/05_adapters.ipynb #c072
+# %% ../nbs/05_adapters.ipynb #c076
 def run_quant_settings(adapter_dir) -> dict|None:
     "The `[quant]` settings of the run that trained `adapter_dir` (from `../config.ini`), if there is one"
     p = Path(adapter_dir).parent/'config.ini'
@@ -280,7 +288,7 @@ def dequantized_base(name:str, quant_type:str='nf4', double_quant:bool=True):
     model.name_or_path = q.name_or_path
     return model, tok
 
-# %% ../nbs/05_adapters.ipynb #c073
+# %% ../nbs/05_adapters.ipynb #c077
 def _adapter_tokenizer(adapter_dir, fallback):
     "The tokenizer saved in the adapter folder (as `train` does), else `fallback`"
     if not (Path(adapter_dir)/'tokenizer_config.json').exists(): return fallback

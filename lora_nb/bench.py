@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ['TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'LEVERS', 'DEFAULT_LEVER', 'matmul_peak', 'matmul_params',
            'lora_roofline', 'StepClock', 'CountingCollator', 'answer_eval_loss', 'bench_config', 'seed_recipe_trainer',
            'trl_trainer', 'lora_nb_trainer', 'measure_recipe', 'full_logits_loss', 'time_training_steps',
-           'measure_levers']
+           'measure_levers', 'cpu_name', 'summarize_bench', 'format_bench', 'run_bench']
 
 # %% ../nbs/08_performance.ipynb #c004
 from transformers import TrainerCallback
@@ -274,13 +274,105 @@ def measure_levers(model:str='smollm2-135m', steps:int=3, warmup:int=1, batch_si
         groups = [ex[i:i + batch_size] for i in range(0, len(ex), batch_size)]
         batches = _lever_batches(groups, s['batching'], tok.pad_token_id, cfg.data.max_length)
         loss_fn = answer_loss if s['head'] == 'answer' else full_logits_loss
-        if s.get('checkpointing'): m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        if s.get('checkpointing'): m.activation_checkpointing_enable()
         if s.get('threads'): torch.set_num_threads(s['threads'])
         run = torch.compile(m, dynamic=True) if s.get('compile') else m
         try: r = time_training_steps(run, batches, loss_fn, s['precision'], warmup)
         finally:
             torch.set_num_threads(threads)
-            if s.get('checkpointing'): m.gradient_checkpointing_disable()
-        rows.append(dict(lever=name, **s, **r, threads=s.get('threads', threads)))
+            if s.get('checkpointing'): m.activation_checkpointing_disable()
+        rows.append(dict(lever=name, **{**s, 'threads': s.get('threads', threads)}, **r))
         out(f"{name:42} {r['tokens_per_sec']:8.1f} tok/s  {r['seconds_per_step']:7.2f} s/step")
     return rows
+
+# %% ../nbs/08_performance.ipynb #c026
+def cpu_name() -> str:
+    "The processor's model name (from /proc/cpuinfo on Linux)"
+    try:
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
+def _ratio(a, b): return None if a is None or b is None or not b else a / b
+
+def summarize_bench(results:dict, peaks:dict, **context) -> dict:
+    "The figures of a bench: speedups, roofline fraction, QLoRA memory ratio, next to every recipe's measurements"
+    get = lambda r, k: results[r][k] if r in results else None
+    ours = results.get('lora_nb')
+    s = dict(**context, matmul_gflops=peaks, recipes=results,
+             tokens_per_sec={r: v['tokens_per_sec'] for r, v in results.items()},
+             supervised_tokens_per_sec={r: v['supervised_tokens_per_sec'] for r, v in results.items()},
+             eval_loss={r: v['eval_loss'] for r, v in results.items()},
+             memory_bytes={r: v['memory_bytes'] for r, v in results.items()},
+             speedup_vs_seed_recipe=_ratio(get('lora_nb', 'tokens_per_sec'), get('seed', 'tokens_per_sec')),
+             speedup_vs_trl_default=_ratio(get('lora_nb', 'tokens_per_sec'), get('trl', 'tokens_per_sec')),
+             qlora_to_lora_memory=_ratio(get('qlora', 'memory_bytes'), get('lora_nb', 'memory_bytes')))
+    if ours:
+        precision = 'bf16' if ours['settings']['bf16'] else 'fp32'
+        frac = ours['supervised_per_step'] / ours['tokens_per_step']
+        full, answer = (lora_roofline(peaks[precision], ours['matmul_params'], f) for f in (None, frac))
+        s['roofline'] = dict(precision=precision, peak_gflops=peaks[precision], matmul_params=ours['matmul_params'],
+                             answer_fraction=frac, tokens_per_sec=full, tokens_per_sec_answer_head=answer)
+        s['roofline_fraction'] = ours['tokens_per_sec'] / full
+        s['roofline_fraction_answer_head'] = ours['tokens_per_sec'] / answer
+    else: s.update(roofline=None, roofline_fraction=None, roofline_fraction_answer_head=None)
+    return s
+
+# %% ../nbs/08_performance.ipynb #c027
+def _mb(n): return f"{n / 2**20:,.0f} MiB"
+
+def format_bench(s:dict) -> str:
+    "A plain-text table of a bench summary"
+    head = f"{'recipe':38} {'tok/s':>8} {'answer tok/s':>13} {'s/step':>8} {'computed tok/step':>18} {'memory':>10} {'eval loss':>10}"
+    lines = [head, '-' * len(head)]
+    for r in s['recipes'].values():
+        lines.append(f"{r['title']:38} {r['tokens_per_sec']:8.1f} {r['supervised_tokens_per_sec']:13.1f} {r['seconds_per_step']:8.2f} "
+                     f"{r['computed_per_step']:18,.0f} {_mb(r['memory_bytes']):>10} {r['eval_loss']:10.4f}")
+    f = lambda v, spec: 'n/a' if v is None else format(v, spec)
+    lines += ['', f"lora_nb vs older recipe: {f(s['speedup_vs_seed_recipe'], '.1f')}x tokens/s; vs TRL defaults: {f(s['speedup_vs_trl_default'], '.2f')}x",
+              f"matmul peak: fp32 {s['matmul_gflops']['fp32']:.0f} GFLOP/s, bf16 {s['matmul_gflops']['bf16']:.0f} GFLOP/s"]
+    if s['roofline']:
+        rf = s['roofline']
+        lines.append(f"LoRA roofline ({rf['precision']}, 4 x {rf['matmul_params']['body'] + rf['matmul_params']['head']:,} FLOPs/token): "
+                     f"{rf['tokens_per_sec']:.0f} tok/s, lora_nb reaches {s['roofline_fraction']:.0%}; "
+                     f"with the LM head at answer positions only ({rf['answer_fraction']:.0%} of tokens): "
+                     f"{rf['tokens_per_sec_answer_head']:.0f} tok/s, {s['roofline_fraction_answer_head']:.0%}")
+    if s['qlora_to_lora_memory'] is not None:
+        lines.append(f"QLoRA / fp32 LoRA peak memory: {s['qlora_to_lora_memory']:.0%}")
+    return '\n'.join(lines)
+
+# %% ../nbs/08_performance.ipynb #c028
+def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
+              steps:int=10, # training steps per recipe (each of `batch_size` examples), the first `warmup` untimed
+              examples:int=64, # validation examples for the eval loss
+              batch_size:int=8, warmup:int=2,
+              recipes=tuple(RECIPE_TRAINERS), # any of 'seed', 'trl', 'lora_nb', 'qlora'
+              save:str|None=None, # also write the summary as JSON to this file
+              out=print) -> dict:
+    "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
+    import torch, transformers, peft, trl
+    from lora_nb.models import pick_device
+    dev = pick_device(load_config().model.device)
+    load_before = os.getloadavg()
+    peaks = {'fp32': matmul_peak('float32', device=dev), 'bf16': matmul_peak('bfloat16', device=dev)}
+    warmup = min(warmup, steps - 1)
+    out(f"{model}: {steps} steps x {batch_size} examples per recipe ({warmup} untimed), eval on {examples} validation examples; "
+        f"{cpu_name() if dev == 'cpu' else torch.cuda.get_device_name()}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f}")
+    out(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    results = {}
+    for r in recipes:
+        t0 = time.time()
+        results[r] = res = measure_recipe(r, model, steps, examples, batch_size, warmup)
+        out(f"{RECIPE_TITLES[r]:38} {res['tokens_per_sec']:8.1f} tok/s {res['seconds_per_step']:7.2f} s/step "
+            f"eval loss {res['eval_loss']:.4f}  ({time.time() - t0:.0f} s)")
+    s = summarize_bench(results, peaks, model=model, steps=steps, warmup_steps=warmup, batch_size=batch_size,
+                        train_examples=steps * batch_size, val_examples=examples, device=dev,
+                        cpu=cpu_name() if dev == 'cpu' else torch.cuda.get_device_name(), threads=torch.get_num_threads(),
+                        load_average_before=load_before[0], load_average_after=os.getloadavg()[0],
+                        versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__, trl=trl.__version__),
+                        date=time.strftime('%Y-%m-%d %H:%M'))
+    out(format_bench(s))
+    if save: atomic_write_text(save, json.dumps(s, indent=1) + '\n')
+    out(json.dumps(s))
+    return s

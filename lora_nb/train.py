@@ -16,10 +16,10 @@ __all__ = ['pick_precision', 'prepare_examples', 'supervised_positions', 'answer
            'train', 'run_grid']
 
 # %% ../nbs/03_training.ipynb #c004
+from .config import Config, load_config, save_config, atomic_write_text, project_root
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, TrainerCallback
-from .config import Config, load_config, save_config, atomic_write_text, project_root
 from .models import load_base_from, attach_lora_from, trainable_report, pick_device, build_atomically, preset_for
 from .data import read_records, split_records, validate_records, tokenize_example, collate_padding_free, collate_padded
 
