@@ -71,6 +71,5 @@ def test_every_subcommand_has_help(cmd):
 def test_chat_answers_one_message(adapter):
     code, out, err = run('chat', '--adapter', adapter, '--instruction',
                          'Triage this support ticket. Reply with JSON: intent, order_id, urgent.', '-m', 'Where is order 12345?')
-    assert code == 0, err[-3000:]
-    assert out.strip() != '' or out == '\n'  # the tiny random model may answer anything, even nothing but a newline
-    assert len(out.splitlines()) <= 1
+    assert code == 0 and 'Traceback' not in err, err[-3000:]
+    assert out.endswith('\n')  # one answer printed (the tiny random model's text itself can be anything)
