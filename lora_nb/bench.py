@@ -11,17 +11,17 @@ from functools import partial
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'LEVERS', 'DEFAULT_LEVER', 'matmul_peak', 'matmul_params',
-           'lora_roofline', 'StepClock', 'CountingCollator', 'answer_eval_loss', 'bench_config', 'seed_recipe_trainer',
-           'trl_trainer', 'lora_nb_trainer', 'measure_recipe', 'full_logits_loss', 'time_training_steps',
-           'measure_levers', 'cpu_name', 'summarize_bench', 'format_bench', 'run_bench']
+__all__ = ['TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'LEVERS', 'matmul_peak', 'matmul_params', 'lora_roofline',
+           'StepClock', 'CountingCollator', 'answer_eval_loss', 'bench_config', 'seed_recipe_trainer', 'trl_trainer',
+           'lora_nb_trainer', 'measure_recipe', 'cpu_name', 'summarize_bench', 'format_bench', 'run_bench',
+           'full_logits_loss', 'time_training_steps', 'lever_batches', 'measure_levers']
 
 # %% ../nbs/08_performance.ipynb #c004
 from transformers import TrainerCallback
 from .config import load_config, atomic_write_text, project_root
-from .data import read_records, build_prompt, tokenize_example, collate_padded, collate_padding_free
+from .data import read_records, build_prompt, tokenize_example, collate_padded, collate_padding_free, length_grouped_batches
 
-# %% ../nbs/08_performance.ipynb #c007
+# %% ../nbs/08_performance.ipynb #c008
 _TORCH_DTYPES = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16'}
 
 def matmul_peak(dtype:str='bfloat16', # 'float32' or 'bfloat16' (or 'fp32', 'bf16')
@@ -42,10 +42,12 @@ def matmul_peak(dtype:str='bfloat16', # 'float32' or 'bfloat16' (or 'fp32', 'bf1
         sync(); best = max(best, 2 * n**3 * k / (time.perf_counter() - t0) / 1e9)
     return best
 
-# %% ../nbs/08_performance.ipynb #c010
+# %% ../nbs/08_performance.ipynb #c012
 def matmul_params(model) -> dict:
     "Weights each token meets in matrix multiplications: decoder linear layers ('body') and LM head ('head'); LoRA's A and B not counted"
-    import torch, bitsandbytes as bnb
+    import torch
+    import lora_nb.models  # noqa: F401  (quiets a bitsandbytes notice before bitsandbytes loads)
+    import bitsandbytes as bnb
     head = model.get_output_embeddings()
     kinds = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     body = sum(m.in_features * m.out_features for name, m in model.named_modules()
@@ -59,7 +61,7 @@ def lora_roofline(peak_gflops:float, params:dict,
     n = params['body'] + params['head'] * (1.0 if answer_fraction is None else answer_fraction)
     return peak_gflops * 1e9 / (4 * n)
 
-# %% ../nbs/08_performance.ipynb #c013
+# %% ../nbs/08_performance.ipynb #c018
 class StepClock(TrainerCallback):
     "The wall-clock time when training starts and at the end of every optimizer step"
     def __init__(self): self.start, self.ends = None, []
@@ -77,7 +79,7 @@ class CountingCollator:
         self.computed.append(b['input_ids'].numel())
         return b
 
-# %% ../nbs/08_performance.ipynb #c014
+# %% ../nbs/08_performance.ipynb #c021
 def answer_eval_loss(model, examples:list, pad_token_id:int, batch_size:int=8) -> float:
     "Mean cross-entropy per response token (+EOS) over `examples`: fp32, no autocast, padded batches"
     import torch
@@ -92,12 +94,12 @@ def answer_eval_loss(model, examples:list, pad_token_id:int, batch_size:int=8) -
     model.train(was_training)
     return total / n
 
-# %% ../nbs/08_performance.ipynb #c017
-def bench_config(model:str='smollm2-135m', steps:int=12, batch_size:int=8):
-    "settings.ini with `steps` steps of `batch_size` examples, no evaluation or checkpoints during training"
+# %% ../nbs/08_performance.ipynb #c025
+def bench_config(model:str='smollm2-135m', steps:int=10, batch_size:int=8, overrides=()):
+    "settings.ini with `steps` steps of `batch_size` examples, no evaluation or checkpoints during training, then `overrides`"
     return load_config(overrides=[f'model.name={model}', f'train.max_steps={steps}', f'train.batch_size={batch_size}',
                                   'train.grad_accum=1', 'train.eval_steps=0', 'train.save_steps=0', 'train.logging_steps=1',
-                                  'lora.preset=none', 'quant.load_in_4bit=false'])
+                                  'lora.preset=none', 'quant.load_in_4bit=false', *overrides])
 
 def _shared_args(cfg, out_dir) -> dict:
     "TrainingArguments every recipe gets: the optimisation settings of `cfg`, and nothing written or evaluated"
@@ -112,7 +114,7 @@ def _on_cpu(cfg) -> bool:
     from lora_nb.models import pick_device
     return pick_device(cfg.model.device) == 'cpu'
 
-# %% ../nbs/08_performance.ipynb #c018
+# %% ../nbs/08_performance.ipynb #c028
 def seed_recipe_trainer(model, tok, records, cfg, out_dir):
     "The older guides' recipe: fp32, every example padded to max_length, loss on every token, plain `Trainer`"
     from datasets import Dataset
@@ -123,6 +125,7 @@ def seed_recipe_trainer(model, tok, records, cfg, out_dir):
     args = TrainingArguments(**_shared_args(cfg, out_dir), use_cpu=_on_cpu(cfg))
     return Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
 
+# %% ../nbs/08_performance.ipynb #c033
 TRL_SETTINGS = ('bf16', 'fp16', 'gradient_checkpointing', 'optim', 'max_length', 'packing', 'padding_free',
                 'completion_only_loss', 'pad_to_multiple_of', 'loss_type', 'use_cpu')
 
@@ -134,6 +137,7 @@ def trl_trainer(model, tok, records, cfg, out_dir):
     args = SFTConfig(**_shared_args(cfg, out_dir), **({'use_cpu': True} if _on_cpu(cfg) else {}))
     return SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
 
+# %% ../nbs/08_performance.ipynb #c035
 def lora_nb_trainer(model, tok, records, cfg, out_dir):
     "lora_nb's training path: `LoraTrainer` with `training_args(cfg)` and the collator `[data] batching` names"
     from lora_nb.train import LoraTrainer, training_args
@@ -146,19 +150,20 @@ RECIPE_TRAINERS = {'seed': seed_recipe_trainer, 'trl': trl_trainer, 'lora_nb': l
 RECIPE_TITLES = {'seed': "older guides' recipe", 'trl': 'TRL SFTTrainer defaults', 'lora_nb': 'lora_nb default',
                  'qlora': 'lora_nb default, 4-bit base (QLoRA)'}
 
-# %% ../nbs/08_performance.ipynb #c020
+# %% ../nbs/08_performance.ipynb #c040
 def _settings_of(trainer) -> dict:
     a = trainer.args
     return dict(bf16=a.bf16, fp16=a.fp16, gradient_checkpointing=a.gradient_checkpointing, optim=str(getattr(a.optim, 'value', a.optim)),
                 **{k: getattr(a, k) for k in TRL_SETTINGS if hasattr(a, k) and k not in ('bf16', 'fp16', 'gradient_checkpointing', 'optim')})
 
-def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:int, warmup:int) -> dict:
+def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:int, warmup:int, overrides=()) -> dict:
     "Train one recipe in this process and measure it; only meaningful in a fresh process"
+    from lora_nb.models import load_base_from, attach_lora_from, load_tokenizer, pick_device
     import torch, transformers, peft, trl, datasets, bitsandbytes  # imported before the baseline: not the recipe's memory
     from lora_nb.memory import _rss_now, _rss_peak, _reset_rss_peak
-    from lora_nb.models import load_base_from, attach_lora_from, load_tokenizer, pick_device
     transformers.logging.set_verbosity_error(); datasets.disable_progress_bars()
-    cfg = bench_config(model, steps, batch_size)
+    cfg = bench_config(model, steps, batch_size, overrides)
+    if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
     dev = pick_device(cfg.model.device)
     tok = load_tokenizer(model)
     train_recs = read_records(str(project_root()/cfg.data.train_file))[:steps * batch_size]
@@ -167,7 +172,7 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
     gc.collect()
     baseline = 0 if dev == 'cuda' else _rss_now()
     m, tok = load_base_from(cfg, load_in_4bit=recipe == 'qlora')
-    params = matmul_params(m)
+    params, weight_bytes = matmul_params(m), m.get_memory_footprint()
     m = attach_lora_from(m, cfg)
     eval_before = answer_eval_loss(m, val_ex, tok.pad_token_id) if recipe == 'lora_nb' else None
     with tempfile.TemporaryDirectory() as out_dir:
@@ -183,23 +188,24 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
     seconds = clock.ends[steps - 1] - (clock.ends[w - 1] if w else clock.start)
     timed = slice(w, steps)
     tokens, sup, computed = (sum(c[timed]) for c in (counter.tokens, counter.supervised, counter.computed))
-    return dict(recipe=recipe, title=RECIPE_TITLES[recipe], model=model, steps=steps, timed_steps=steps - w,
+    return dict(recipe=recipe, title=RECIPE_TITLES[recipe], model=model, overrides=list(overrides), steps=steps, timed_steps=steps - w,
                 batch_size=batch_size, train_examples=len(train_recs), val_examples=len(val_ex),
                 seconds_per_step=seconds / (steps - w), tokens_per_sec=tokens / seconds, supervised_tokens_per_sec=sup / seconds,
                 tokens_per_step=tokens / (steps - w), supervised_per_step=sup / (steps - w), computed_per_step=computed / (steps - w),
                 step_seconds=[b - a for a, b in zip([clock.start] + clock.ends[:-1], clock.ends)],
                 train_loss=[h['loss'] for h in trainer.state.log_history if 'loss' in h],
                 eval_loss=answer_eval_loss(m, val_ex, tok.pad_token_id), eval_loss_before=eval_before,
-                memory_bytes=peak - baseline, peak_bytes=peak, baseline_bytes=baseline, device=dev,
-                threads=torch.get_num_threads(), matmul_params=params, settings=_settings_of(trainer))
+                memory_bytes=peak - baseline, peak_bytes=peak, baseline_bytes=baseline, weight_bytes=weight_bytes,
+                device=dev, threads=torch.get_num_threads(), matmul_params=params, settings=_settings_of(trainer))
 
-# %% ../nbs/08_performance.ipynb #c021
-def measure_recipe(recipe:str, model:str='smollm2-135m', steps:int=12, examples:int=64, batch_size:int=8,
-                   warmup:int=2, timeout:float=3600) -> dict:
-    "Train and measure one recipe (see `RECIPE_TRAINERS`) in a fresh Python process"
+# %% ../nbs/08_performance.ipynb #c041
+def measure_recipe(recipe:str, # one of `RECIPE_TRAINERS`: 'seed', 'trl', 'lora_nb', 'qlora'
+                   model:str='smollm2-135m', steps:int=10, examples:int=64, batch_size:int=8,
+                   warmup:int=2, overrides=(), timeout:float=3600) -> dict:
+    "Train and measure one recipe in a fresh Python process"
     if recipe not in RECIPE_TRAINERS: raise ValueError(f"recipe {recipe!r}: use one of {', '.join(RECIPE_TRAINERS)}")
     if steps < 2: raise ValueError("steps must be >= 2: the first step is warm-up, never timed")
-    kw = dict(recipe=recipe, model=model, steps=steps, examples=examples, batch_size=batch_size, warmup=warmup)
+    kw = dict(recipe=recipe, model=model, steps=steps, examples=examples, batch_size=batch_size, warmup=warmup, overrides=list(overrides))
     code = ('import json, sys; from lora_nb.bench import _run_recipe_here; '
             'print("LORA_NB_BENCH", json.dumps(_run_recipe_here(**json.loads(sys.argv[1]))))')
     r = subprocess.run([sys.executable, '-c', code, json.dumps(kw)], capture_output=True, text=True, timeout=timeout)
@@ -208,20 +214,115 @@ def measure_recipe(recipe:str, model:str='smollm2-135m', steps:int=12, examples:
         raise RuntimeError(f"bench recipe {recipe!r} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(found[-1].split(' ', 1)[1])
 
-# %% ../nbs/08_performance.ipynb #c023
+# %% ../nbs/08_performance.ipynb #c046
+def cpu_name() -> str:
+    "The processor's model name (from /proc/cpuinfo on Linux)"
+    try:
+        for line in open('/proc/cpuinfo'):
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
+def _ratio(a, b): return None if a is None or b is None or not b else a / b
+
+def summarize_bench(results:dict, peaks:dict, **context) -> dict:
+    "The figures of a bench: speedups, roofline fraction, QLoRA memory ratio, next to every recipe's measurements"
+    get = lambda r, k: results[r][k] if r in results else None
+    ours = results.get('lora_nb')
+    s = dict(**context, matmul_gflops=peaks, recipes=results,
+             tokens_per_sec={r: v['tokens_per_sec'] for r, v in results.items()},
+             supervised_tokens_per_sec={r: v['supervised_tokens_per_sec'] for r, v in results.items()},
+             eval_loss={r: v['eval_loss'] for r, v in results.items()},
+             memory_bytes={r: v['memory_bytes'] for r, v in results.items()},
+             speedup_vs_seed_recipe=_ratio(get('lora_nb', 'tokens_per_sec'), get('seed', 'tokens_per_sec')),
+             speedup_vs_trl_default=_ratio(get('lora_nb', 'tokens_per_sec'), get('trl', 'tokens_per_sec')),
+             supervised_speedup_vs_seed_recipe=_ratio(get('lora_nb', 'supervised_tokens_per_sec'), get('seed', 'supervised_tokens_per_sec')),
+             qlora_to_lora_memory=_ratio(get('qlora', 'memory_bytes'), get('lora_nb', 'memory_bytes')),
+             qlora_to_lora_weights=_ratio(get('qlora', 'weight_bytes'), get('lora_nb', 'weight_bytes')))
+    if ours:
+        precision = 'bf16' if ours['settings']['bf16'] else 'fp32'
+        frac = ours['supervised_per_step'] / ours['tokens_per_step']
+        full, answer = (lora_roofline(peaks[precision], ours['matmul_params'], f) for f in (None, frac))
+        s['roofline'] = dict(precision=precision, peak_gflops=peaks[precision], matmul_params=ours['matmul_params'],
+                             answer_fraction=frac, tokens_per_sec=full, tokens_per_sec_answer_head=answer)
+        s['roofline_fraction'] = ours['tokens_per_sec'] / full
+        s['roofline_fraction_answer_head'] = ours['tokens_per_sec'] / answer
+    else: s.update(roofline=None, roofline_fraction=None, roofline_fraction_answer_head=None)
+    return s
+
+# %% ../nbs/08_performance.ipynb #c047
+def _mib(n): return f"{n / 2**20:,.0f} MiB"
+
+def format_bench(s:dict) -> str:
+    "A plain-text table of a bench summary, with the ratios under it"
+    head = f"{'recipe':38} {'tok/s':>8} {'answer tok/s':>13} {'s/step':>8} {'computed tok/step':>18} {'memory':>10} {'eval loss':>10}"
+    lines = [head, '-' * len(head)]
+    for r in s['recipes'].values():
+        lines.append(f"{r['title']:38} {r['tokens_per_sec']:8.1f} {r['supervised_tokens_per_sec']:13.1f} {r['seconds_per_step']:8.2f} "
+                     f"{r['computed_per_step']:18,.0f} {_mib(r['memory_bytes']):>10} {r['eval_loss']:10.4f}")
+    f = lambda v, spec: 'n/a' if v is None else format(v, spec)
+    lines += ['', f"lora_nb vs older recipe: {f(s['speedup_vs_seed_recipe'], '.1f')}x tokens/s; vs TRL defaults: {f(s['speedup_vs_trl_default'], '.2f')}x",
+              f"matmul peak: fp32 {s['matmul_gflops']['fp32']:.0f} GFLOP/s, bf16 {s['matmul_gflops']['bf16']:.0f} GFLOP/s"]
+    if s['roofline']:
+        rf = s['roofline']
+        lines.append(f"LoRA roofline ({rf['precision']}, 4 x {rf['matmul_params']['body'] + rf['matmul_params']['head']:,} FLOPs/token): "
+                     f"{rf['tokens_per_sec']:.0f} tok/s, lora_nb reaches {s['roofline_fraction']:.0%}; "
+                     f"with the LM head at answer positions only ({rf['answer_fraction']:.0%} of tokens): "
+                     f"{rf['tokens_per_sec_answer_head']:.0f} tok/s, {s['roofline_fraction_answer_head']:.0%}")
+    if s['qlora_to_lora_memory'] is not None:
+        lines.append(f"QLoRA / fp32 LoRA: peak memory {s['qlora_to_lora_memory']:.0%}, weights {s['qlora_to_lora_weights']:.0%}")
+    return '\n'.join(lines)
+
+# %% ../nbs/08_performance.ipynb #c048
+def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
+              steps:int=10, # training steps per recipe (each of `batch_size` examples), the first `warmup` untimed
+              examples:int=64, # validation examples for the eval loss
+              batch_size:int=8, warmup:int=2,
+              recipes=tuple(RECIPE_TRAINERS), # any of 'seed', 'trl', 'lora_nb', 'qlora'
+              overrides=(), # settings for every recipe, e.g. ['train.threads=1']
+              save:str|None=None, # also write the summary as JSON to this file
+              out=print) -> dict:
+    "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
+    import torch, transformers, peft, trl
+    from lora_nb.models import pick_device
+    dev = pick_device(bench_config(model, steps, batch_size, overrides).model.device)
+    warmup, load_before = min(warmup, steps - 1), os.getloadavg()[0]
+    peaks = {'fp32': matmul_peak('float32', device=dev), 'bf16': matmul_peak('bfloat16', device=dev)}
+    device_name = cpu_name() if dev == 'cpu' else torch.cuda.get_device_name()
+    out(f"{model}: {steps} steps x {batch_size} examples per recipe ({warmup} untimed), eval on {examples} validation examples; "
+        f"{device_name}, {torch.get_num_threads()} threads, load average {load_before:.2f}")
+    out(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    results = {}
+    for r in recipes:
+        t0 = time.time()
+        results[r] = res = measure_recipe(r, model, steps, examples, batch_size, warmup, overrides)
+        out(f"{RECIPE_TITLES[r]:38} {res['tokens_per_sec']:8.1f} tok/s {res['seconds_per_step']:7.2f} s/step "
+            f"eval loss {res['eval_loss']:.4f}  ({time.time() - t0:.0f} s)")
+    s = summarize_bench(results, peaks, model=model, steps=steps, warmup_steps=warmup, batch_size=batch_size,
+                        train_examples=steps * batch_size, val_examples=examples, overrides=list(overrides), device=dev,
+                        device_name=device_name, threads=torch.get_num_threads(),
+                        load_average_before=load_before, load_average_after=os.getloadavg()[0],
+                        versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__, trl=trl.__version__),
+                        date=time.strftime('%Y-%m-%d %H:%M'))
+    out(format_bench(s))
+    if save: atomic_write_text(save, json.dumps(s, indent=1) + '\n')
+    out(json.dumps(s))
+    return s
+
+# %% ../nbs/08_performance.ipynb #c058
 LEVERS = [  # (name, settings): from the older recipe's compute to lora_nb's default one change at a time, then single changes to the default
     ('fp32, pad to 512, full logits', dict(precision='fp32', batching='pad', head='full')),
     ('bf16 autocast', dict(precision='bf16', batching='pad', head='full')),
     ('dynamic padding', dict(precision='bf16', batching='dynamic', head='full')),
     ('padding-free', dict(precision='bf16', batching='padding_free', head='full')),
     ('answer-only LM head (lora_nb default)', dict(precision='bf16', batching='padding_free', head='answer')),
+    ('default, length-grouped padding', dict(precision='bf16', batching='grouped', head='answer')),
     ('default + gradient checkpointing', dict(precision='bf16', batching='padding_free', head='answer', checkpointing=True)),
     ('default + torch.compile', dict(precision='bf16', batching='padding_free', head='answer', compile=True)),
     ('default, 1 thread', dict(precision='bf16', batching='padding_free', head='answer', threads=1)),
     ('default, bf16 base weights', dict(precision='bf16', batching='padding_free', head='answer', base_dtype='bfloat16')),
     ('default, LoRA dropout 0', dict(precision='bf16', batching='padding_free', head='answer', dropout=0.0)),
 ]
-DEFAULT_LEVER = 'answer-only LM head (lora_nb default)'
 
 def full_logits_loss(model, batch:dict):
     "The model's own loss: logits at every position, cross-entropy where labels != -100"
@@ -247,20 +348,25 @@ def time_training_steps(model, batches:list, loss_fn, precision:str='bf16', warm
     return dict(seconds_per_step=seconds / n, tokens_per_sec=tokens / seconds, supervised_tokens_per_sec=sup / seconds,
                 tokens_per_step=tokens / n, computed_per_step=computed / n)
 
-# %% ../nbs/08_performance.ipynb #c024
-def _lever_batches(groups, batching, pad_id, max_length):
-    if batching == 'pad': return [collate_padded(g, pad_id, pad_to_multiple_of=max_length) for g in groups]
-    if batching == 'dynamic': return [collate_padded(g, pad_id) for g in groups]
-    return [collate_padding_free(g) for g in groups]
+# %% ../nbs/08_performance.ipynb #c059
+def lever_batches(examples:list, batch_size:int, batching:str, pad_token_id:int, max_length:int=512) -> list:
+    "Batches of `examples` as a lever collates them: 'pad' (to max_length), 'dynamic', 'grouped' (by length), 'padding_free'"
+    if batching == 'grouped':
+        order = length_grouped_batches([len(e['input_ids']) for e in examples], batch_size, seed=0)
+        return [collate_padded([examples[i] for i in g], pad_token_id) for g in order]
+    groups = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    if batching == 'pad': return [collate_padded(g, pad_token_id, pad_to_multiple_of=max_length) for g in groups]
+    if batching == 'dynamic': return [collate_padded(g, pad_token_id) for g in groups]
+    if batching == 'padding_free': return [collate_padding_free(g) for g in groups]
+    raise ValueError(f"batching {batching!r}: use pad, dynamic, grouped or padding_free")
 
 def measure_levers(model:str='smollm2-135m', steps:int=3, warmup:int=1, batch_size:int=8, levers:list|None=None, out=print) -> list[dict]:
-    "Tokens/s of plain training steps under each setting of `levers` (default `LEVERS`), same batches for all"
+    "Tokens/s of plain training steps under each setting of `levers` (default `LEVERS`), on the same examples"
     import torch
     from lora_nb.models import load_base, attach_lora
     from lora_nb.train import answer_loss
     cfg = bench_config(model, steps + warmup, batch_size)
-    l = cfg.lora
-    levers = LEVERS if levers is None else levers
+    l, levers = cfg.lora, LEVERS if levers is None else levers
     recs = read_records(str(project_root()/cfg.data.train_file))[:(steps + warmup) * batch_size]
     models, rows, threads = {}, [], torch.get_num_threads()
     for name, s in levers:
@@ -271,8 +377,7 @@ def measure_levers(model:str='smollm2-135m', steps:int=3, warmup:int=1, batch_si
             models[key] = attach_lora(base, seed=cfg.train.seed, r=l.r, alpha=l.alpha, dropout=key[1], target_modules=l.target_modules)
         m = models[key]
         ex = [tokenize_example(r, tok, cfg.data.template, cfg.data.max_length) for r in recs]
-        groups = [ex[i:i + batch_size] for i in range(0, len(ex), batch_size)]
-        batches = _lever_batches(groups, s['batching'], tok.pad_token_id, cfg.data.max_length)
+        batches = lever_batches(ex, batch_size, s['batching'], tok.pad_token_id, cfg.data.max_length)
         loss_fn = answer_loss if s['head'] == 'answer' else full_logits_loss
         if s.get('checkpointing'): m.activation_checkpointing_enable()
         if s.get('threads'): torch.set_num_threads(s['threads'])
@@ -284,95 +389,3 @@ def measure_levers(model:str='smollm2-135m', steps:int=3, warmup:int=1, batch_si
         rows.append(dict(lever=name, **{**s, 'threads': s.get('threads', threads)}, **r))
         out(f"{name:42} {r['tokens_per_sec']:8.1f} tok/s  {r['seconds_per_step']:7.2f} s/step")
     return rows
-
-# %% ../nbs/08_performance.ipynb #c026
-def cpu_name() -> str:
-    "The processor's model name (from /proc/cpuinfo on Linux)"
-    try:
-        for line in open('/proc/cpuinfo'):
-            if line.startswith('model name'): return line.split(':', 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
-
-def _ratio(a, b): return None if a is None or b is None or not b else a / b
-
-def summarize_bench(results:dict, peaks:dict, **context) -> dict:
-    "The figures of a bench: speedups, roofline fraction, QLoRA memory ratio, next to every recipe's measurements"
-    get = lambda r, k: results[r][k] if r in results else None
-    ours = results.get('lora_nb')
-    s = dict(**context, matmul_gflops=peaks, recipes=results,
-             tokens_per_sec={r: v['tokens_per_sec'] for r, v in results.items()},
-             supervised_tokens_per_sec={r: v['supervised_tokens_per_sec'] for r, v in results.items()},
-             eval_loss={r: v['eval_loss'] for r, v in results.items()},
-             memory_bytes={r: v['memory_bytes'] for r, v in results.items()},
-             speedup_vs_seed_recipe=_ratio(get('lora_nb', 'tokens_per_sec'), get('seed', 'tokens_per_sec')),
-             speedup_vs_trl_default=_ratio(get('lora_nb', 'tokens_per_sec'), get('trl', 'tokens_per_sec')),
-             qlora_to_lora_memory=_ratio(get('qlora', 'memory_bytes'), get('lora_nb', 'memory_bytes')))
-    if ours:
-        precision = 'bf16' if ours['settings']['bf16'] else 'fp32'
-        frac = ours['supervised_per_step'] / ours['tokens_per_step']
-        full, answer = (lora_roofline(peaks[precision], ours['matmul_params'], f) for f in (None, frac))
-        s['roofline'] = dict(precision=precision, peak_gflops=peaks[precision], matmul_params=ours['matmul_params'],
-                             answer_fraction=frac, tokens_per_sec=full, tokens_per_sec_answer_head=answer)
-        s['roofline_fraction'] = ours['tokens_per_sec'] / full
-        s['roofline_fraction_answer_head'] = ours['tokens_per_sec'] / answer
-    else: s.update(roofline=None, roofline_fraction=None, roofline_fraction_answer_head=None)
-    return s
-
-# %% ../nbs/08_performance.ipynb #c027
-def _mb(n): return f"{n / 2**20:,.0f} MiB"
-
-def format_bench(s:dict) -> str:
-    "A plain-text table of a bench summary"
-    head = f"{'recipe':38} {'tok/s':>8} {'answer tok/s':>13} {'s/step':>8} {'computed tok/step':>18} {'memory':>10} {'eval loss':>10}"
-    lines = [head, '-' * len(head)]
-    for r in s['recipes'].values():
-        lines.append(f"{r['title']:38} {r['tokens_per_sec']:8.1f} {r['supervised_tokens_per_sec']:13.1f} {r['seconds_per_step']:8.2f} "
-                     f"{r['computed_per_step']:18,.0f} {_mb(r['memory_bytes']):>10} {r['eval_loss']:10.4f}")
-    f = lambda v, spec: 'n/a' if v is None else format(v, spec)
-    lines += ['', f"lora_nb vs older recipe: {f(s['speedup_vs_seed_recipe'], '.1f')}x tokens/s; vs TRL defaults: {f(s['speedup_vs_trl_default'], '.2f')}x",
-              f"matmul peak: fp32 {s['matmul_gflops']['fp32']:.0f} GFLOP/s, bf16 {s['matmul_gflops']['bf16']:.0f} GFLOP/s"]
-    if s['roofline']:
-        rf = s['roofline']
-        lines.append(f"LoRA roofline ({rf['precision']}, 4 x {rf['matmul_params']['body'] + rf['matmul_params']['head']:,} FLOPs/token): "
-                     f"{rf['tokens_per_sec']:.0f} tok/s, lora_nb reaches {s['roofline_fraction']:.0%}; "
-                     f"with the LM head at answer positions only ({rf['answer_fraction']:.0%} of tokens): "
-                     f"{rf['tokens_per_sec_answer_head']:.0f} tok/s, {s['roofline_fraction_answer_head']:.0%}")
-    if s['qlora_to_lora_memory'] is not None:
-        lines.append(f"QLoRA / fp32 LoRA peak memory: {s['qlora_to_lora_memory']:.0%}")
-    return '\n'.join(lines)
-
-# %% ../nbs/08_performance.ipynb #c028
-def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
-              steps:int=10, # training steps per recipe (each of `batch_size` examples), the first `warmup` untimed
-              examples:int=64, # validation examples for the eval loss
-              batch_size:int=8, warmup:int=2,
-              recipes=tuple(RECIPE_TRAINERS), # any of 'seed', 'trl', 'lora_nb', 'qlora'
-              save:str|None=None, # also write the summary as JSON to this file
-              out=print) -> dict:
-    "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
-    import torch, transformers, peft, trl
-    from lora_nb.models import pick_device
-    dev = pick_device(load_config().model.device)
-    load_before = os.getloadavg()
-    peaks = {'fp32': matmul_peak('float32', device=dev), 'bf16': matmul_peak('bfloat16', device=dev)}
-    warmup = min(warmup, steps - 1)
-    out(f"{model}: {steps} steps x {batch_size} examples per recipe ({warmup} untimed), eval on {examples} validation examples; "
-        f"{cpu_name() if dev == 'cpu' else torch.cuda.get_device_name()}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f}")
-    out(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
-    results = {}
-    for r in recipes:
-        t0 = time.time()
-        results[r] = res = measure_recipe(r, model, steps, examples, batch_size, warmup)
-        out(f"{RECIPE_TITLES[r]:38} {res['tokens_per_sec']:8.1f} tok/s {res['seconds_per_step']:7.2f} s/step "
-            f"eval loss {res['eval_loss']:.4f}  ({time.time() - t0:.0f} s)")
-    s = summarize_bench(results, peaks, model=model, steps=steps, warmup_steps=warmup, batch_size=batch_size,
-                        train_examples=steps * batch_size, val_examples=examples, device=dev,
-                        cpu=cpu_name() if dev == 'cpu' else torch.cuda.get_device_name(), threads=torch.get_num_threads(),
-                        load_average_before=load_before[0], load_average_after=os.getloadavg()[0],
-                        versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__, trl=trl.__version__),
-                        date=time.strftime('%Y-%m-%d %H:%M'))
-    out(format_bench(s))
-    if save: atomic_write_text(save, json.dumps(s, indent=1) + '\n')
-    out(json.dumps(s))
-    return s

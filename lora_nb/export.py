@@ -31,15 +31,16 @@ def _field_value(field, max_items:int|None=None):
         return f"[{len(v):,} items: {', '.join(map(repr, v[:max_items]))}, ...]"
     return v
 
-def gguf_metadata(path, max_items:int|None=3) -> dict:
-    "The key/value metadata of a GGUF file (long arrays summarised unless `max_items` is None)"
-    r = GGUFReader(path)
-    return {k: _field_value(f, max_items) for k, f in r.fields.items() if not k.startswith('GGUF.')}
+def _reader(f) -> GGUFReader: return f if isinstance(f, GGUFReader) else GGUFReader(f)
 
-def gguf_tensor_table(path) -> list[dict]:
-    "One row per tensor: name, storage type, shape (llama.cpp order: row length first) and bytes"
+def gguf_metadata(f, max_items:int|None=3) -> dict:
+    "The key/value metadata of a GGUF file or reader (long arrays summarised unless `max_items` is None)"
+    return {k: _field_value(v, max_items) for k, v in _reader(f).fields.items() if not k.startswith('GGUF.')}
+
+def gguf_tensor_table(f) -> list[dict]:
+    "One row per tensor of a GGUF file or reader: name, storage type, shape (llama.cpp order: row length first), bytes"
     return [dict(name=t.name, type=t.tensor_type.name, shape=[int(x) for x in t.shape], bytes=int(t.n_bytes))
-            for t in GGUFReader(path).tensors]
+            for t in _reader(f).tensors]
 
 # %% ../nbs/07_export.ipynb #c014
 class ExportError(ValueError):
@@ -254,17 +255,17 @@ def _quiet_gguf_loading():
     try: yield
     finally: mg.tqdm = bar
 
-def load_gguf(path, dtype=None):
-    "(model, tokenizer) loaded by transformers from one GGUF file (weights dequantized to `dtype`, default float32)"
+def load_gguf(path, dtype=None, tokenizer:bool=True):
+    "(model, tokenizer or None) loaded by transformers from one GGUF file (weights dequantized to `dtype`, default float32)"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(path)
     with _quiet_gguf_loading():
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
     return model.eval(), tok
 
-# %% ../nbs/07_export.ipynb #c057
+# %% ../nbs/07_export.ipynb #c060
 def llama_cpp_status() -> str|None:
     "None when `llama_cpp` (llama-cpp-python) imports, else why not and how to install it"
     try: import llama_cpp  # noqa: F401
@@ -299,7 +300,7 @@ def transformers_greedy_ids(model, tok, prompts, max_new_tokens:int=48) -> list[
         out.append(g[:g.index(tok.eos_token_id)] if tok.eos_token_id in g else g)
     return out
 
-# %% ../nbs/07_export.ipynb #c060
+# %% ../nbs/07_export.ipynb #c063
 OLLAMA_TEMPLATES = {
     'alpaca': ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}\n\n### Response:\n"
                "{{ else }}### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ end }}{{ .Response }}"),
@@ -344,7 +345,7 @@ def write_modelfile(gguf_path, tok, cfg=None) -> Path:
     atomic_write_text(path, text)
     return path
 
-# %% ../nbs/07_export.ipynb #c064
+# %% ../nbs/07_export.ipynb #c067
 _GO_ACTION = re.compile(r'\{\{\s*(?:if\s+\.(?P<cond>\w+)|(?P<kw>else|end)|\.(?P<field>\w+))\s*\}\}')
 
 def render_go_template(template:str, **fields) -> str:
@@ -361,7 +362,7 @@ def render_go_template(template:str, **fields) -> str:
     if stack: raise ValueError("unclosed {{ if }} in template")
     return ''.join(out) + template[pos:]
 
-# %% ../nbs/07_export.ipynb #c067
+# %% ../nbs/07_export.ipynb #c070
 def read_adapter_config(adapter_dir) -> dict:
     "adapter_config.json of a PEFT LoRA adapter folder, refused with the reason if llama.cpp could not apply it"
     p = Path(adapter_dir)/'adapter_config.json'
@@ -398,7 +399,7 @@ def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict) -> list:
         out += [(name + '.lora_a', A), (name + '.lora_b', B)]
     return out
 
-# %% ../nbs/07_export.ipynb #c068
+# %% ../nbs/07_export.ipynb #c071
 def export_lora_gguf(adapter_dir, # a PEFT LoRA adapter folder (save_pretrained)
                      output, # the .gguf file to write
                      base:str|None=None, # its base model (default: the adapter's base_model_name_or_path)

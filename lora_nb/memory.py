@@ -182,39 +182,47 @@ def layer_activation_terms(shape:ModelShape, method:str='lora', dtype:str='bf16'
         return core | {'norm outputs': 2 * (4 if autocast else a) * H,
                        'linear inputs': 10 * H + 2 * I if autocast else a * (2 * H + I)}
     mods, mask_b = target_names(targets), (4 if device == 'cpu' else 1)
-    g = lambda names, d, shared=False: _lora_group(names, d, rank, mods, a, lora_dropout, mask_b, shared, autocast)
-    # the layer in forward order: (term, bytes if its input needs grad, bytes in any case, makes grad from here on)
-    sections = [('norm inputs (fp32)', 4 * H + 4, 0, False), ('LoRA q, k, v', *g(LINEAR_NAMES[:3], H)),
-                ('attention q, k, v, output', a * (2 * Q + 2 * K), 0, False), ('attention logsumexp', 4 * nh, 0, False),
-                ('LoRA o', *g(['o_proj'], Q, True)), ('norm inputs (fp32)', 4 * H + 4, 0, False),
-                ('LoRA gate, up', *g(LINEAR_NAMES[4:6], H)), ('MLP gate, SiLU, up', 3 * a * I, 0, False),
-                ('LoRA down', *g(['down_proj'], I))]
-    terms, grad = {}, not first_layer
-    for name, cond, always, makes_grad in sections:
-        terms[name] = terms.get(name, 0) + always + (cond if grad else 0)
-        grad = grad or makes_grad
+    terms, grad = {}, not first_layer  # grad: does the tensor flowing in need a gradient?
+    def lora(name, names, in_dim, shared=False):  # adapters' inputs, masks, A outputs; True if any adapter is there
+        cond, always, there = _lora_group(names, in_dim, rank, mods, a, lora_dropout, mask_b, shared, autocast)
+        terms[name] = always + (cond if grad else 0)
+        return there
+    terms['norm inputs (fp32)'] = (4 * H + 4) if grad else 0
+    grad = lora('LoRA q, k, v', LINEAR_NAMES[:3], H) or grad
+    terms['attention q, k, v, output'] = a * (2 * Q + 2 * K) if grad else 0
+    terms['attention logsumexp'] = 4 * nh if grad else 0
+    grad = lora('LoRA o', ['o_proj'], Q, True) or grad
+    terms['norm inputs (fp32)'] += (4 * H + 4) if grad else 0
+    lora('LoRA gate, up', LINEAR_NAMES[4:6], H)
+    gate, up = grad or 'gate_proj' in mods, grad or 'up_proj' in mods
+    mlp = 4 if method == 'qlora' and autocast else a  # 4-bit layers return their input's dtype, fp32, even under autocast
+    terms['MLP gate, SiLU, up'] = mlp * I * (2 * gate + up)  # SiLU keeps gate's output and the product up's if gate needs grad; act if up does
+    grad = gate or up
+    lora('LoRA down', ['down_proj'], I)
     return terms
 
 # %% ../nbs/04a_memory.ipynb #c042
 def autocast_weight_copies(shape:ModelShape, method:str='lora', rank:int=16, targets='all-linear', first_layer:bool=False) -> int:
-    "Bytes of bf16 weight copies one layer keeps under autocast (frozen ones only once the gradient reaches them)"
-    io, mods = shape.linear_shapes(), target_names(targets) if method != 'full' else list(LINEAR_NAMES)
-    lora = sum(2 * rank * sum(io[n]) for n in mods) if method != 'full' else 0  # trainable leaves: cached
-    base = [2 * io[n][0] * io[n][1] for n in LINEAR_NAMES]
-    if method == 'full' or not first_layer: return lora + sum(base)
-    # first layer, LoRA: a frozen layer's copy is kept only if its input needs a gradient, i.e. after the first adapter
-    order = [('q_proj', 'k_proj', 'v_proj'), ('o_proj',), ('gate_proj', 'up_proj'), ('down_proj',)]
-    kept, grad = 0, False
-    for group in order:
-        kept += sum(2 * io[n][0] * io[n][1] for n in group) if grad else 0
+    "Bytes of the bf16 weight copies one layer keeps for backward under autocast"
+    io = shape.linear_shapes()
+    if method == 'full': return sum(2 * i * o for i, o in io.values())
+    mods, kept, grad = target_names(targets), 0, not first_layer
+    for group in [('q_proj', 'k_proj', 'v_proj'), ('o_proj',), ('gate_proj', 'up_proj'), ('down_proj',)]:
+        for n in group:
+            i, o = io[n]
+            if grad: kept += (2 * i * o if method == 'lora' else 0) + (2 * rank * i if n in mods else 0)  # frozen W (4-bit: none), lora_A
+            if n in mods: kept += 2 * rank * o  # lora_B: its input (A's output) always needs a gradient
         grad = grad or any(n in mods for n in group)
-    return lora + kept
+    return kept
 
-# %% ../nbs/04a_memory.ipynb #c046
+# %% ../nbs/04a_memory.ipynb #c048
 def activation_terms(shape:ModelShape, seq:int=512, batch:int=1, method:str='lora', dtype:str='bf16', rank:int=16,
-                     targets='all-linear', lora_dropout:float=0.05, device:str='cuda') -> dict:
+                     targets='all-linear', lora_dropout:float=0.05, device:str='cuda',
+                     logit_tokens:int|None=None, # positions whose logits are computed (default: batch x seq)
+                    ) -> dict:
     "Bytes of activations at the peak of a training step, by term; see `activation_bytes` for the totals"
     T, a, H, V = batch * seq, _act_bytes(dtype), shape.hidden, shape.vocab
+    nl = T if logit_tokens is None else logit_tokens
     autocast, stream = dtype == 'bf16-mixed', (4 if dtype == 'bf16-mixed' else a)  # stream: residual stream's bytes
     kw = dict(method=method, dtype=dtype, rank=rank, targets=targets, lora_dropout=lora_dropout, device=device)
     layer, first = (sum(layer_activation_terms(shape, first_layer=f, **kw).values()) for f in (False, True))
@@ -222,8 +230,8 @@ def activation_terms(shape:ModelShape, seq:int=512, batch:int=1, method:str='lor
     terms = {'layers': T * (first + (shape.layers - 1) * layer),
              'final norm': T * (4 * H + 4) + T * head_input,
              'rotary tables': 2 * seq * shape.head_dim * stream,
-             'loss: log-softmax and labels': T * (4 * V + 8) + 4,
-             'loss: gradients (backward)': T * 8 * V}
+             'loss: log-softmax and labels': nl * (4 * V + 8) + 4,
+             'loss: gradients (backward)': nl * 8 * V}
     if method == 'full': terms['token ids (embedding)'] = 8 * T
     if autocast:
         wk = dict(method=method, rank=rank, targets=targets)
@@ -237,11 +245,11 @@ def activation_bytes(shape:ModelShape, seq:int=512, batch:int=1, gradient_checkp
     if not gradient_checkpointing: return sum(t.values())
     T, dtype = batch * seq, kw.get('dtype', 'bf16')
     stream = 4 if dtype == 'bf16-mixed' else _act_bytes(dtype)
-    one_layer = T * sum(layer_activation_terms(shape, **kw).values())
+    one_layer = T * sum(layer_activation_terms(shape, **{k: v for k, v in kw.items() if k != 'logit_tokens'}).values())
     rest = sum(v for k, v in t.items() if k not in ('layers', 'loss: gradients (backward)'))
     return shape.layers * T * stream * shape.hidden + rest + max(t['loss: gradients (backward)'], one_layer)
 
-# %% ../nbs/04a_memory.ipynb #c048
+# %% ../nbs/04a_memory.ipynb #c050
 def saved_tensor_bytes(model, input_ids, autocast:bool=False) -> int:
     "Bytes of the distinct non-parameter tensors autograd saves in one forward pass with `labels = input_ids`"
     import torch
@@ -256,7 +264,7 @@ def saved_tensor_bytes(model, input_ids, autocast:bool=False) -> int:
         model(input_ids=input_ids, labels=input_ids)
     return sum(seen.values())
 
-# %% ../nbs/04a_memory.ipynb #c061
+# %% ../nbs/04a_memory.ipynb #c063
 def per_process(weights:int, gradients:int, optimizer:int, n_processes:int=1, zero_stage:int=0, gathered:int=0) -> tuple[int, int, int]:
     "(weights, gradients, optimizer) bytes on each of `n_processes` under ZeRO `zero_stage` (`gathered`: weights stage 3 re-assembles)"
     if zero_stage not in (0, 1, 2, 3): raise ValueError(f"zero_stage {zero_stage}: use 0, 1, 2 or 3")
@@ -267,7 +275,7 @@ def per_process(weights:int, gradients:int, optimizer:int, n_processes:int=1, ze
     return (math.ceil(weights / n) + gathered if zero_stage >= 3 else weights,
             math.ceil(gradients / n) if zero_stage >= 2 else gradients, math.ceil(optimizer / n))
 
-# %% ../nbs/04a_memory.ipynb #c064
+# %% ../nbs/04a_memory.ipynb #c066
 @dataclass
 class MemoryEstimate:
     "Bytes one process needs to train, by part (made by `estimate_memory`)"
@@ -299,7 +307,8 @@ class MemoryEstimate:
         s = self.settings
         what = 'full fine-tuning' if s['method'] == 'full' else f"{s['method']} r={s['rank']} ({s['targets']})"
         procs = f"{s['n_processes']} processes, ZeRO-{s['zero_stage']}" if s['n_processes'] > 1 else '1 process'
-        return (f"{self.model}: {what}, {s['dtype']}, batch {s['batch']} x seq {s['seq']}, {s['optim']}, "
+        logits = f" (logits at {s['logit_tokens']})" if s.get('logit_tokens') is not None else ''
+        return (f"{self.model}: {what}, {s['dtype']}, batch {s['batch']} x seq {s['seq']}{logits}, {s['optim']}, "
                 f"{'gradient checkpointing, ' if self.gradient_checkpointing else ''}{procs} ({s['device']})")
 
     def _repr_html_(self): return estimate_html(self)
@@ -308,18 +317,20 @@ def format_bytes(n:float) -> str:
     "`n` bytes in decimal MB below 1 GB, else GB"
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
-# %% ../nbs/04a_memory.ipynb #c066
+# %% ../nbs/04a_memory.ipynb #c068
 def estimate_memory(config_or_name, # built-in name, folder, config.json, hub id, transformers config or dict
                     method:str='lora', # full | lora | qlora
                     rank:int=16, seq:int=512, batch:int=1, # batch per process
                     optim:str='adamw', # adamw | adamw_8bit | sgd (and aliases in `OPTIMIZERS`)
                     targets='all-linear', # LoRA targets: all-linear or names
                     gradient_checkpointing:bool=False,
-                    dtype:str='bf16', # base weights and activations: bf16 | fp32 (QLoRA: activations only)
+                    dtype:str='bf16', # bf16 | fp32 | bf16-mixed (fp32 weights, bf16 autocast); QLoRA: activations only
                     n_processes:int=1, zero_stage:int=0,
                     lora_dropout:float=0.05,
                     device:str='cuda', # cuda | cpu: dropout masks are 1 byte an element on CUDA, 4 on CPU
                     double_quant:bool=True, # QLoRA's nested quantization of the block constants
+                    logit_tokens:int|None=None, # positions whose logits are computed: lora_nb's trainer computes them
+                                                # only where an answer token is predicted; default batch x seq
                    ) -> MemoryEstimate:
     "Memory one process needs to fine-tune a model, from its config alone"
     shape = model_shape(config_or_name)
@@ -341,18 +352,20 @@ def estimate_memory(config_or_name, # built-in name, folder, config.json, hub id
         one_layer = weight_bytes(ModelShape(**{**shape.__dict__, 'layers': 1, 'vocab': 0}), method, dtype, double_quant)
         gathered = max(one_layer, shape.vocab * shape.hidden * (4 if method == 'qlora' else a))
     weights, grads, opt = per_process(weights, grads, opt, n_processes, zero_stage, gathered)
-    act_kw = dict(method=method, dtype=dtype, rank=rank, targets=targets, lora_dropout=lora_dropout, device=device)
+    act_kw = dict(method=method, dtype=dtype, rank=rank, targets=targets, lora_dropout=lora_dropout, device=device,
+                  logit_tokens=logit_tokens)
     settings = dict(method=method, rank=rank, seq=seq, batch=batch, optim=optim,
                     targets=targets if isinstance(targets, str) else ','.join(targets),
                     gradient_checkpointing=gradient_checkpointing, dtype=dtype, n_processes=n_processes,
-                    zero_stage=zero_stage, lora_dropout=lora_dropout, device=device, double_quant=double_quant)
+                    zero_stage=zero_stage, lora_dropout=lora_dropout, device=device, double_quant=double_quant,
+                    logit_tokens=logit_tokens)
     return MemoryEstimate(model=shape.name, settings=settings, params=shape.params, trainable=trainable,
                           weights=weights, gradients=grads, optimizer=opt,
                           activations=activation_bytes(shape, seq, batch, False, **act_kw),
                           activations_checkpointed=activation_bytes(shape, seq, batch, True, **act_kw),
                           activation_parts=activation_terms(shape, seq, batch, **act_kw))
 
-# %% ../nbs/04a_memory.ipynb #c070
+# %% ../nbs/04a_memory.ipynb #c075
 def format_estimate(est:MemoryEstimate) -> str:
     "A plain-text table of `est` for the terminal"
     other = est.activations if est.gradient_checkpointing else est.activations_checkpointed
@@ -363,7 +376,7 @@ def format_estimate(est:MemoryEstimate) -> str:
         lines.append(f"  {k:<18} {format_bytes(v):>12}" + ('   ' + note if k == 'activations' else ''))
     return '\n'.join(lines + ['', "MB/GB = 10^6/10^9 bytes, per process; activations at the start of the backward pass"])
 
-# %% ../nbs/04a_memory.ipynb #c075
+# %% ../nbs/04a_memory.ipynb #c080
 def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
     "The largest per-process batch whose `estimate_memory(..., batch=b, **kw).total` fits in `budget_bytes` (0 if none)"
     shape = model_shape(config_or_name)
@@ -377,8 +390,9 @@ def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
-# %% ../nbs/04a_memory.ipynb #c087
-_LOAD_DTYPE = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp16': 'float16', 'float16': 'float16'}
+# %% ../nbs/04a_memory.ipynb #c092
+_LOAD_DTYPE = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp16': 'float16',
+               'float16': 'float16', 'bf16-mixed': 'float32'}
 
 def _rss_now() -> int:
     "Current resident set size of this process, bytes"
@@ -430,14 +444,15 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
     reset = False if cuda else _reset_rss_peak()
     losses, t0 = [], time.time()
     for _ in range(steps):
-        loss = m(input_ids=ids, labels=ids).loss
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == 'bf16-mixed'):
+            loss = m(input_ids=ids, labels=ids).loss
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         losses.append(loss.item()); del loss
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_peak() - baseline
     return dict(peak_bytes=peak, baseline_bytes=baseline, peak_reset_after_load=reset, losses=losses,
                 step_seconds=(time.time() - t0) / steps, device=device)
 
-# %% ../nbs/04a_memory.ipynb #c088
+# %% ../nbs/04a_memory.ipynb #c093
 def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', rank:int=16, seq:int=512, batch:int=1,
                         optim:str='adamw', targets:str='all-linear', lora_dropout:float=0.05,
                         gradient_checkpointing:bool=False, steps:int=2, device:str='cpu',
@@ -457,7 +472,7 @@ def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', r
         raise RuntimeError(f"measure_peak_memory({kw}) failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(found[-1].split(' ', 1)[1])
 
-# %% ../nbs/04a_memory.ipynb #c098
+# %% ../nbs/04a_memory.ipynb #c103
 _PART_COLORS = {'weights': '#4c72b0', 'gradients': '#dd8452', 'optimizer states': '#c44e52', 'activations': '#55a868'}
 
 def estimate_html(est:MemoryEstimate) -> str:
@@ -473,7 +488,7 @@ def estimate_html(est:MemoryEstimate) -> str:
             f'<div style="display:flex;height:14px;width:480px;margin:6px 0;border:1px solid #ccc">{bar}</div>'
             f'<table>{rows}</table></div>')
 
-# %% ../nbs/04a_memory.ipynb #c099
+# %% ../nbs/04a_memory.ipynb #c104
 def memory_calculator(config_or_name='smollm2-135m', **settings):
     "`ipywidgets.interactive` over `estimate_memory`: sliders for rank, seq and batch, menus for method, dtype, optimizer"
     import ipywidgets as W

@@ -75,18 +75,24 @@ def test_file_metadata_and_tensors(stand_in, f32_file, tmp_path):
     assert q8.stat().st_size < 0.4 * f32_file.stat().st_size
 
 
-def test_q8_0_on_smollm2_keeps_the_top1_token(tmp_path):
-    "The real model: Q8_0 export, reloaded by transformers, picks the same next token on >= 99% of positions"
-    smol = embedded_checkpoint()
-    f = export_gguf(smol, tmp_path/'smol-q8_0.gguf', 'q8_0')
+def test_q8_0_on_smollm2(tmp_path):
+    """The real model: the Q8_0 file holds exactly gguf.quants' Q8_0 of every weight (bit for bit, after transformers
+    undoes the q/k permutation), and the next-token choice mostly survives quantization"""
+    import gguf
+    f = export_gguf(embedded_checkpoint(), tmp_path/'smol-q8_0.gguf', 'q8_0')
     ref, tok = load_base('smollm2-135m', training=False)
     q8, _ = load_gguf(f, tokenizer=False)
+    from_file, Q = q8.state_dict(), gguf.GGMLQuantizationType.Q8_0
+    for name, p in ref.state_dict().items():
+        w = p.numpy()
+        want = gguf.quants.dequantize(gguf.quants.quantize(w, Q), Q).reshape(w.shape) if w.ndim == 2 else w
+        assert np.array_equal(from_file[name].numpy(), want), name
     texts = [p + r['output'] for p, r in zip(_prompts(tok), RECORDS)]
     batch = tok(texts, return_tensors='pt', padding=True)
     mask = batch['attention_mask'].bool()
     with torch.no_grad(): a, b = ref(**batch).logits, q8(**batch).logits
     agree = (a.argmax(-1) == b.argmax(-1))[mask].float().mean().item()
-    assert agree >= 0.99, agree
+    assert agree >= 0.95, agree  # measured 0.975 on these 752 positions: Q8_0's own cost on a 135M model
 
 
 def test_failed_export_leaves_nothing(stand_in, tmp_path, monkeypatch):

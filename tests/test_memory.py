@@ -100,3 +100,14 @@ def test_measured_peak_within_25_percent():
     e = estimate_memory('tiny', 'lora', rank=8, seq=256, batch=2, dtype='fp32', device='cpu')
     assert m['peak_reset_after_load'] and len(m['losses']) == 2
     assert 0.75 <= m['peak_bytes'] / e.total <= 1.25, (m, e.total)
+
+
+def test_mixed_precision_and_logit_tokens():
+    mixed = estimate_memory(LLAMA2_7B, method='full', dtype='bf16-mixed')
+    assert mixed.weights + mixed.gradients + mixed.optimizer == 16 * mixed.params  # fp32 weights: no separate master copy
+    lora = estimate_memory('smollm2-135m', dtype='bf16-mixed', seq=1024)
+    answers = estimate_memory('smollm2-135m', dtype='bf16-mixed', seq=1024, logit_tokens=100)
+    V = model_shape('smollm2-135m').vocab
+    assert lora.activations - answers.activations == (1024 - 100) * (12 * V + 8)
+    assert 'bf16 weight copies (autocast)' in lora.activation_parts
+    with pytest.raises(ValueError, match='bf16-mixed'): estimate_memory('tiny', dtype='int4')
