@@ -11,10 +11,11 @@ from functools import partial
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'LEVERS', 'matmul_peak', 'matmul_params', 'lora_roofline',
-           'StepClock', 'CountingCollator', 'answer_eval_loss', 'bench_config', 'seed_recipe_trainer', 'trl_trainer',
-           'lora_nb_trainer', 'measure_recipe', 'cpu_name', 'summarize_bench', 'format_bench', 'run_bench',
-           'full_logits_loss', 'time_training_steps', 'lever_batches', 'measure_levers']
+__all__ = ['TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'LEVERS', 'VARIANTS', 'matmul_peak', 'matmul_params',
+           'lora_roofline', 'StepClock', 'CountingCollator', 'answer_eval_loss', 'bench_config', 'seed_recipe_trainer',
+           'trl_trainer', 'lora_nb_trainer', 'measure_recipe', 'cpu_name', 'summarize_bench', 'format_bench',
+           'run_bench', 'full_logits_loss', 'time_training_steps', 'lever_batches', 'measure_levers',
+           'measure_variants']
 
 # %% ../nbs/08_performance.ipynb #c004
 from transformers import TrainerCallback
@@ -285,12 +286,15 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
     "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
     import torch, transformers, peft, trl
     from lora_nb.models import pick_device
-    dev = pick_device(bench_config(model, steps, batch_size, overrides).model.device)
+    cfg = bench_config(model, steps, batch_size, overrides)
+    dev, threads = pick_device(cfg.model.device), cfg.train.threads or torch.get_num_threads()
     warmup, load_before = min(warmup, steps - 1), os.getloadavg()[0]
-    peaks = {'fp32': matmul_peak('float32', device=dev), 'bf16': matmul_peak('bfloat16', device=dev)}
+    default_threads = torch.get_num_threads(); torch.set_num_threads(threads)  # the peak with the recipes' threads
+    try: peaks = {'fp32': matmul_peak('float32', device=dev), 'bf16': matmul_peak('bfloat16', device=dev)}
+    finally: torch.set_num_threads(default_threads)
     device_name = cpu_name() if dev == 'cpu' else torch.cuda.get_device_name()
     out(f"{model}: {steps} steps x {batch_size} examples per recipe ({warmup} untimed), eval on {examples} validation examples; "
-        f"{device_name}, {torch.get_num_threads()} threads, load average {load_before:.2f}")
+        f"{device_name}, {threads} threads, load average {load_before:.2f}")
     out(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     results = {}
     for r in recipes:
@@ -300,7 +304,7 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
             f"eval loss {res['eval_loss']:.4f}  ({time.time() - t0:.0f} s)")
     s = summarize_bench(results, peaks, model=model, steps=steps, warmup_steps=warmup, batch_size=batch_size,
                         train_examples=steps * batch_size, val_examples=examples, overrides=list(overrides), device=dev,
-                        device_name=device_name, threads=torch.get_num_threads(),
+                        device_name=device_name, threads=threads,
                         load_average_before=load_before, load_average_after=os.getloadavg()[0],
                         versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__, trl=trl.__version__),
                         date=time.strftime('%Y-%m-%d %H:%M'))
@@ -388,4 +392,19 @@ def measure_levers(model:str='smollm2-135m', steps:int=3, warmup:int=1, batch_si
             if s.get('checkpointing'): m.activation_checkpointing_disable()
         rows.append(dict(lever=name, **{**s, 'threads': s.get('threads', threads)}, **r))
         out(f"{name:42} {r['tokens_per_sec']:8.1f} tok/s  {r['seconds_per_step']:7.2f} s/step")
+    return rows
+
+# %% ../nbs/08_performance.ipynb #c070
+VARIANTS = [('lora_nb default', []), ('LoRA dropout 0', ['lora.dropout=0']), ('padded batches (random order)', ['data.batching=pad']),
+            ('bf16 base weights', ['model.dtype=bfloat16']), ('gradient checkpointing', ['model.gradient_checkpointing=true']),
+            ('1 thread', ['train.threads=1'])]
+
+def measure_variants(model:str='smollm2-135m', steps:int=10, examples:int=64, batch_size:int=8, warmup:int=2,
+                     variants:list|None=None, out=print) -> list[dict]:
+    "`measure_recipe('lora_nb', ...)` once per (name, overrides) in `variants` (default `VARIANTS`)"
+    rows = []
+    for name, ov in (VARIANTS if variants is None else variants):
+        r = measure_recipe('lora_nb', model, steps, examples, batch_size, warmup, ov)
+        rows.append(dict(variant=name, **r))
+        out(f"{name:32} {r['tokens_per_sec']:8.1f} tok/s {_mib(r['memory_bytes']):>10} eval loss {r['eval_loss']:.4f}")
     return rows

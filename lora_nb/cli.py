@@ -10,7 +10,7 @@ import argparse, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_merge', 'cmd_export', 'cmd_bench', 'cmd_estimate',
+__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_merge', 'cmd_export', 'cmd_bench', 'cmd_doctor', 'cmd_estimate',
            'cmd_tensorboard', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c006
@@ -95,6 +95,13 @@ def cmd_bench(a):
     from lora_nb.bench import run_bench
     run_bench(model=a.model, steps=a.steps, examples=a.examples, batch_size=a.batch_size, save=a.output)
 
+def cmd_doctor(a):
+    "Check settings, data, tokenizer and model for known LoRA pitfalls; exit 1 on error-level findings"
+    from lora_nb.diagnostics import diagnose, format_findings, has_errors
+    findings = diagnose(_cfg(a), run=a.run)
+    print(format_findings(findings))
+    if has_errors(findings): sys.exit(1)
+
 def cmd_estimate(a):
     "Estimate training memory from a model config (per process)"
     from lora_nb.memory import estimate_memory, format_estimate
@@ -143,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--model', default='smollm2-135m'); s.add_argument('--steps', type=int, default=10, help='training steps per recipe')
     s.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
     s.add_argument('--batch-size', type=int, default=8); s.add_argument('--output', help='also write the figures as JSON here')
+    s = add('doctor', cmd_doctor, 'check a config, its data and model for known pitfalls'); _settings_args(s)
+    s.add_argument('--run', help='also check a finished run folder (template drift, overfitting)')
     s = add('estimate', cmd_estimate, 'estimate training memory from a model config')
     s.add_argument('--model', default='smollm2-135m', help='built-in name, model folder, config.json or hub id')
     s.add_argument('--method', choices=['full', 'lora', 'qlora'], default='lora')

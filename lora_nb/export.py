@@ -160,31 +160,57 @@ def _adds_token(tok, token_id, first:bool) -> bool:
     plain, full = tok('a b', add_special_tokens=False)['input_ids'], tok('a b')['input_ids']
     return len(full) > len(plain) and (full[0] if first else full[-1]) == token_id
 
-# %% ../nbs/07_export.ipynb #c033
-def tokenizer_metadata(tok, vocab_size:int) -> dict:
-    "The `tokenizer.*` GGUF keys for a byte-level BPE tokenizer (SmolLM2, Llama 3)"
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    model = spec['model']
-    if model.get('type') != 'BPE' or model.get('byte_fallback'):
-        raise ExportError(f"tokenizer: {model.get('type')} model (byte_fallback={model.get('byte_fallback')}) is not a "
-                          "byte-level BPE; GGUF export supports SmolLM2/Llama 3 style tokenizers")
+# %% ../nbs/07_export.ipynb #c034
+def _vocab_arrays(spec:dict, vocab_size:int, kind) -> tuple[list, list]:
+    "Token strings and types for ids 0..vocab_size-1: [PAD<id>] for ids the tokenizer lacks; added tokens control/user-defined"
     tokens, types = [f'[PAD{i}]' for i in range(vocab_size)], [TokenType.UNUSED] * vocab_size
-    for t, i in model['vocab'].items():
-        if i < vocab_size: tokens[i], types[i] = t, TokenType.NORMAL
+    for t, i in spec['model']['vocab'].items():
+        if i < vocab_size: tokens[i], types[i] = t, kind(t)
     for a in spec.get('added_tokens', []):
         if a['id'] < vocab_size:
             tokens[a['id']], types[a['id']] = a['content'], TokenType.CONTROL if a['special'] else TokenType.USER_DEFINED
-    md = {'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': pre_tokenizer_name(tok),
-          'tokenizer.ggml.tokens': tokens, 'tokenizer.ggml.token_type': [int(t) for t in types],
-          'tokenizer.ggml.merges': [m if isinstance(m, str) else ' '.join(m) for m in model['merges']],
-          'tokenizer.ggml.add_bos_token': _adds_token(tok, tok.bos_token_id, True),
-          'tokenizer.ggml.add_eos_token': _adds_token(tok, tok.eos_token_id, False)}
+    return tokens, types
+
+def _merges(model:dict) -> list[str]: return [m if isinstance(m, str) else ' '.join(m) for m in model['merges']]
+
+def _prepends_space(spec:dict) -> bool:
+    "Does a SentencePiece-style tokenizer put '▁' before the text (Metaspace prepend, or a Prepend normalizer)?"
+    parts = lambda x: (x or {}).get('pretokenizers') or (x or {}).get('normalizers') or [x or {}]
+    return (any(p.get('type') == 'Metaspace' and p.get('prepend_scheme', 'always') != 'never' for p in parts(spec.get('pre_tokenizer')))
+            or any(p.get('type') == 'Prepend' for p in parts(spec.get('normalizer'))))
+
+# %% ../nbs/07_export.ipynb #c035
+def tokenizer_metadata(tok, vocab_size:int) -> dict:
+    "The `tokenizer.*` GGUF keys: byte-level BPE (SmolLM2, Llama 3) or SentencePiece-style BPE (Llama 2)"
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model = spec['model']
+    if model.get('type') != 'BPE':
+        raise ExportError(f"tokenizer: a {model.get('type')} model; GGUF export writes BPE tokenizers (SmolLM2, Llama 2, Llama 3)")
+    if model.get('byte_fallback'):  # SentencePiece style
+        tokens, types = _vocab_arrays(spec, vocab_size, lambda t: TokenType.BYTE if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', t) else TokenType.NORMAL)
+        if tok.unk_token_id is not None and tok.unk_token_id < vocab_size: types[tok.unk_token_id] = TokenType.UNKNOWN
+        merges, created = _merges(model), {}
+        for i, m in enumerate(merges): created.setdefault(m.replace(' ', ''), i)
+        # pieces in the order BPE created them (merged pieces by their first merge, then single characters): score = -rank
+        order = sorted((i for i, ty in enumerate(types) if ty == TokenType.NORMAL), key=lambda i: (created.get(tokens[i], math.inf), i))
+        scores = [0.0] * vocab_size
+        for rank, i in enumerate(order): scores[i] = -float(rank)
+        md = {'tokenizer.ggml.model': 'llama', 'tokenizer.ggml.pre': 'default', 'tokenizer.ggml.tokens': tokens,
+              'tokenizer.ggml.scores': scores,
+              'tokenizer.ggml.token_type': [int(t) for t in types], 'tokenizer.ggml.merges': merges,
+              'tokenizer.ggml.add_space_prefix': _prepends_space(spec)}
+    else:
+        tokens, types = _vocab_arrays(spec, vocab_size, lambda t: TokenType.NORMAL)
+        md = {'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': pre_tokenizer_name(tok), 'tokenizer.ggml.tokens': tokens,
+              'tokenizer.ggml.token_type': [int(t) for t in types], 'tokenizer.ggml.merges': _merges(model)}
+    md |= {'tokenizer.ggml.add_bos_token': _adds_token(tok, tok.bos_token_id, True),
+           'tokenizer.ggml.add_eos_token': _adds_token(tok, tok.eos_token_id, False)}
     for key, tid in (('bos', tok.bos_token_id), ('eos', tok.eos_token_id), ('unknown', tok.unk_token_id), ('padding', tok.pad_token_id)):
         if tid is not None: md[f'tokenizer.ggml.{key}_token_id'] = int(tid)
     if getattr(tok, 'chat_template', None): md['tokenizer.chat_template'] = tok.chat_template
     return md
 
-# %% ../nbs/07_export.ipynb #c037
+# %% ../nbs/07_export.ipynb #c039
 def _add_value(w:GGUFWriter, key:str, v):
     "Add one metadata value with the GGUF type llama.cpp expects for it"
     if isinstance(v, bool): w.add_bool(key, v)
@@ -222,7 +248,7 @@ def write_gguf(output, arch:str, metadata:dict, tensors) -> Path:
         if os.path.exists(tmp): os.unlink(tmp)
     return output
 
-# %% ../nbs/07_export.ipynb #c039
+# %% ../nbs/07_export.ipynb #c041
 def export_gguf(model_dir, # a merged model folder (save_pretrained): config.json, model.safetensors, tokenizer
                 output, # the .gguf file to write
                 dtype:str='f32', # f32 | f16 | bf16 | q8_0
@@ -234,17 +260,18 @@ def export_gguf(model_dir, # a merged model folder (save_pretrained): config.jso
     from transformers import AutoTokenizer
     if dtype not in GGUF_DTYPES: raise ExportError(f"dtype {dtype!r}: use one of {', '.join(GGUF_DTYPES)}")
     model_dir = Path(model_dir); c = read_model_config(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
     md = {gguf.Keys.General.TYPE: gguf.GGUFType.MODEL, gguf.Keys.General.NAME: name or model_dir.resolve().name,
           gguf.Keys.General.FILE_TYPE: int(FILE_TYPES[dtype])}
     if dtype == 'q8_0': md[gguf.Keys.General.QUANTIZATION_VERSION] = gguf.GGML_QUANT_VERSION
-    md |= llama_hparams(c) | tokenizer_metadata(tok, c['vocab_size'])
+    md |= llama_hparams(c)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    md |= tokenizer_metadata(tok, c['vocab_size'])
     tensors = [(n, shape, storage_type(n, shape, dtype), load) for n, shape, load in llama_gguf_tensors(model_dir, c)]
     out = write_gguf(output, 'llama', md, tensors)
     if ollama: write_modelfile(out, tok, cfg)
     return out
 
-# %% ../nbs/07_export.ipynb #c048
+# %% ../nbs/07_export.ipynb #c050
 @contextmanager
 def _quiet_gguf_loading():
     "Silence transformers' per-tensor GGUF progress bar and info logs"
@@ -265,7 +292,7 @@ def load_gguf(path, dtype=None, tokenizer:bool=True):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
     return model.eval(), tok
 
-# %% ../nbs/07_export.ipynb #c060
+# %% ../nbs/07_export.ipynb #c062
 def llama_cpp_status() -> str|None:
     "None when `llama_cpp` (llama-cpp-python) imports, else why not and how to install it"
     try: import llama_cpp  # noqa: F401
@@ -300,7 +327,7 @@ def transformers_greedy_ids(model, tok, prompts, max_new_tokens:int=48) -> list[
         out.append(g[:g.index(tok.eos_token_id)] if tok.eos_token_id in g else g)
     return out
 
-# %% ../nbs/07_export.ipynb #c063
+# %% ../nbs/07_export.ipynb #c065
 OLLAMA_TEMPLATES = {
     'alpaca': ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}\n\n### Response:\n"
                "{{ else }}### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ end }}{{ .Response }}"),
@@ -345,7 +372,7 @@ def write_modelfile(gguf_path, tok, cfg=None) -> Path:
     atomic_write_text(path, text)
     return path
 
-# %% ../nbs/07_export.ipynb #c067
+# %% ../nbs/07_export.ipynb #c069
 _GO_ACTION = re.compile(r'\{\{\s*(?:if\s+\.(?P<cond>\w+)|(?P<kw>else|end)|\.(?P<field>\w+))\s*\}\}')
 
 def render_go_template(template:str, **fields) -> str:
@@ -362,7 +389,7 @@ def render_go_template(template:str, **fields) -> str:
     if stack: raise ValueError("unclosed {{ if }} in template")
     return ''.join(out) + template[pos:]
 
-# %% ../nbs/07_export.ipynb #c070
+# %% ../nbs/07_export.ipynb #c072
 def read_adapter_config(adapter_dir) -> dict:
     "adapter_config.json of a PEFT LoRA adapter folder, refused with the reason if llama.cpp could not apply it"
     p = Path(adapter_dir)/'adapter_config.json'
@@ -399,7 +426,7 @@ def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict) -> list:
         out += [(name + '.lora_a', A), (name + '.lora_b', B)]
     return out
 
-# %% ../nbs/07_export.ipynb #c071
+# %% ../nbs/07_export.ipynb #c073
 def export_lora_gguf(adapter_dir, # a PEFT LoRA adapter folder (save_pretrained)
                      output, # the .gguf file to write
                      base:str|None=None, # its base model (default: the adapter's base_model_name_or_path)

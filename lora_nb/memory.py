@@ -14,8 +14,8 @@ from pathlib import Path
 __all__ = ['LINEAR_NAMES', 'DTYPE_BYTES', 'OPTIMIZERS', 'ModelShape', 'model_shape', 'target_names', 'lora_tensor_sizes',
            'nf4_bytes', 'quantized_bytes', 'weight_bytes', 'optimizer_bytes', 'layer_activation_terms',
            'autocast_weight_copies', 'activation_terms', 'activation_bytes', 'saved_tensor_bytes', 'per_process',
-           'MemoryEstimate', 'format_bytes', 'estimate_memory', 'format_estimate', 'max_batch', 'measure_peak_memory',
-           'estimate_html', 'memory_calculator']
+           'MemoryEstimate', 'format_bytes', 'estimate_html', 'estimate_memory', 'format_estimate', 'max_batch',
+           'measure_peak_memory', 'memory_calculator']
 
 # %% ../nbs/04a_memory.ipynb #c006
 LINEAR_NAMES = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -226,10 +226,12 @@ def activation_terms(shape:ModelShape, seq:int=512, batch:int=1, method:str='lor
     autocast, stream = dtype == 'bf16-mixed', (4 if dtype == 'bf16-mixed' else a)  # stream: residual stream's bytes
     kw = dict(method=method, dtype=dtype, rank=rank, targets=targets, lora_dropout=lora_dropout, device=device)
     layer, first = (sum(layer_activation_terms(shape, first_layer=f, **kw).values()) for f in (False, True))
+    # RoPE keeps cos/sin once some attention needs a gradient: always, unless a single layer has no attention adapter
+    rope_saved = method == 'full' or shape.layers > 1 or bool(set(target_names(targets)) & set(LINEAR_NAMES[:4]))
     head_input = (4 * H + 2 * H if autocast else 2 * a * H) if method == 'full' else 0  # full: norm output, LM head input
     terms = {'layers': T * (first + (shape.layers - 1) * layer),
              'final norm': T * (4 * H + 4) + T * head_input,
-             'rotary tables': 2 * seq * shape.head_dim * stream,
+             'rotary tables': 2 * seq * shape.head_dim * stream * rope_saved,
              'loss: log-softmax and labels': nl * (4 * V + 8) + 4,
              'loss: gradients (backward)': nl * 8 * V}
     if method == 'full': terms['token ids (embedding)'] = 8 * T
@@ -317,7 +319,23 @@ def format_bytes(n:float) -> str:
     "`n` bytes in decimal MB below 1 GB, else GB"
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
-# %% ../nbs/04a_memory.ipynb #c068
+# %% ../nbs/04a_memory.ipynb #c067
+_PART_COLORS = {'weights': '#4c72b0', 'gradients': '#dd8452', 'optimizer states': '#c44e52', 'activations': '#55a868'}
+
+def estimate_html(est:MemoryEstimate) -> str:
+    "An HTML table of `est` with a bar of its parts"
+    import html
+    parts = est.rows()[:-1]
+    bar = ''.join(f'<div title="{k}: {format_bytes(v)}" style="width:{100 * v / est.total:.3f}%;background:{_PART_COLORS[k]}"></div>'
+                  for k, v in parts if v)
+    swatch = lambda k: f'<span style="display:inline-block;width:10px;height:10px;background:{_PART_COLORS.get(k, "transparent")}"></span> '
+    rows = ''.join(f'<tr><td style="text-align:left">{swatch(k)}{"<b>total</b>" if k == "total" else k}</td>'
+                   f'<td style="text-align:right">{format_bytes(v)}</td></tr>' for k, v in est.rows())
+    return (f'<div><div><b>{html.escape(est.title())}</b></div>'
+            f'<div style="display:flex;height:14px;width:480px;margin:6px 0;border:1px solid #ccc">{bar}</div>'
+            f'<table>{rows}</table></div>')
+
+# %% ../nbs/04a_memory.ipynb #c069
 def estimate_memory(config_or_name, # built-in name, folder, config.json, hub id, transformers config or dict
                     method:str='lora', # full | lora | qlora
                     rank:int=16, seq:int=512, batch:int=1, # batch per process
@@ -365,7 +383,7 @@ def estimate_memory(config_or_name, # built-in name, folder, config.json, hub id
                           activations_checkpointed=activation_bytes(shape, seq, batch, True, **act_kw),
                           activation_parts=activation_terms(shape, seq, batch, **act_kw))
 
-# %% ../nbs/04a_memory.ipynb #c075
+# %% ../nbs/04a_memory.ipynb #c076
 def format_estimate(est:MemoryEstimate) -> str:
     "A plain-text table of `est` for the terminal"
     other = est.activations if est.gradient_checkpointing else est.activations_checkpointed
@@ -376,7 +394,7 @@ def format_estimate(est:MemoryEstimate) -> str:
         lines.append(f"  {k:<18} {format_bytes(v):>12}" + ('   ' + note if k == 'activations' else ''))
     return '\n'.join(lines + ['', "MB/GB = 10^6/10^9 bytes, per process; activations at the start of the backward pass"])
 
-# %% ../nbs/04a_memory.ipynb #c080
+# %% ../nbs/04a_memory.ipynb #c081
 def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
     "The largest per-process batch whose `estimate_memory(..., batch=b, **kw).total` fits in `budget_bytes` (0 if none)"
     shape = model_shape(config_or_name)
@@ -390,7 +408,7 @@ def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
-# %% ../nbs/04a_memory.ipynb #c092
+# %% ../nbs/04a_memory.ipynb #c093
 _LOAD_DTYPE = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp16': 'float16',
                'float16': 'float16', 'bf16-mixed': 'float32'}
 
@@ -452,7 +470,7 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
     return dict(peak_bytes=peak, baseline_bytes=baseline, peak_reset_after_load=reset, losses=losses,
                 step_seconds=(time.time() - t0) / steps, device=device)
 
-# %% ../nbs/04a_memory.ipynb #c093
+# %% ../nbs/04a_memory.ipynb #c094
 def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', rank:int=16, seq:int=512, batch:int=1,
                         optim:str='adamw', targets:str='all-linear', lora_dropout:float=0.05,
                         gradient_checkpointing:bool=False, steps:int=2, device:str='cpu',
@@ -472,22 +490,6 @@ def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', r
         raise RuntimeError(f"measure_peak_memory({kw}) failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(found[-1].split(' ', 1)[1])
 
-# %% ../nbs/04a_memory.ipynb #c103
-_PART_COLORS = {'weights': '#4c72b0', 'gradients': '#dd8452', 'optimizer states': '#c44e52', 'activations': '#55a868'}
-
-def estimate_html(est:MemoryEstimate) -> str:
-    "An HTML table of `est` with a bar of its parts"
-    import html
-    parts = est.rows()[:-1]
-    bar = ''.join(f'<div title="{k}: {format_bytes(v)}" style="width:{100 * v / est.total:.3f}%;background:{_PART_COLORS[k]}"></div>'
-                  for k, v in parts if v)
-    swatch = lambda k: f'<span style="display:inline-block;width:10px;height:10px;background:{_PART_COLORS.get(k, "transparent")}"></span> '
-    rows = ''.join(f'<tr><td style="text-align:left">{swatch(k)}{"<b>total</b>" if k == "total" else k}</td>'
-                   f'<td style="text-align:right">{format_bytes(v)}</td></tr>' for k, v in est.rows())
-    return (f'<div><div><b>{html.escape(est.title())}</b></div>'
-            f'<div style="display:flex;height:14px;width:480px;margin:6px 0;border:1px solid #ccc">{bar}</div>'
-            f'<table>{rows}</table></div>')
-
 # %% ../nbs/04a_memory.ipynb #c104
 def memory_calculator(config_or_name='smollm2-135m', **settings):
     "`ipywidgets.interactive` over `estimate_memory`: sliders for rank, seq and batch, menus for method, dtype, optimizer"
@@ -506,4 +508,4 @@ def memory_calculator(config_or_name='smollm2-135m', **settings):
         dtype=W.Dropdown(options=['bf16', 'fp32'], value=s['dtype'], description='dtype'),
         optim=W.Dropdown(options=['adamw', 'adamw_8bit', 'sgd'], value=s['optim'], description='optimizer'),
         gradient_checkpointing=W.Checkbox(value=s['gradient_checkpointing'], description='gradient checkpointing'))
-    return W.interactive(estimate, **controls)
+    return W.interactive(estimate, {'auto_display': True}, **controls)

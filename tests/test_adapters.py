@@ -202,13 +202,13 @@ def test_merged_equals_unmerged(adapters, tmp_path):
     merged, tok = load_base(str(out), training=False)
     assert not has_lora(merged)
     unmerged = load_adapter(tiny(), adapters['summary'])
-    recs = check_records(3)
+    recs = check_records(1)
     assert logit_gap(prompt_logits(merged, tok, recs), prompt_logits(unmerged, tok, recs)) <= MERGE_TOLERANCE
     assert generate_responses(merged, tok, recs, max_new_tokens=12) == generate_responses(unmerged, tok, recs, max_new_tokens=12)
 
 
 def test_merge_bf16_and_refusals(adapters, tmp_path):
-    out, s = merge_adapter(adapters['tickets'], tmp_path/'bf16', dtype='bfloat16')
+    out, s = merge_adapter(adapters['tickets'], tmp_path/'bf16', dtype='bfloat16', records=check_records(1), max_new_tokens=4)
     assert s['merge_max_abs_diff'] <= MERGE_TOLERANCE  # the merge itself is fp32; rounding comes after
     assert next(load_base(str(out), dtype='bfloat16', training=False)[0].parameters()).dtype == torch.bfloat16
     assert json.loads((out/'config.json').read_text())['dtype'] == 'bfloat16'
@@ -234,13 +234,14 @@ def test_merge_from_4bit(tmp_path):
     run = tmp_path/'qlora-run'
     peft.save_pretrained(run/'adapter', save_embedding_layers=False)
     (run/'config.ini').write_text('[quant]\nload_in_4bit = true\nquant_type = nf4\ndouble_quant = true\n')
-    _, deq = merge_adapter(run/'adapter', tmp_path/'deq')
-    _, orig = merge_adapter(run/'adapter', tmp_path/'orig', from_4bit=False)
+    recs = check_records(1)
+    _, deq = merge_adapter(run/'adapter', tmp_path/'deq', records=recs, max_new_tokens=4)
+    _, orig = merge_adapter(run/'adapter', tmp_path/'orig', from_4bit=False, records=recs, max_new_tokens=4)
     assert deq['from_4bit'] is True and orig['from_4bit'] is False and 'gap_to_4bit_adapter' not in orig
     assert deq['merge_max_abs_diff'] <= MERGE_TOLERANCE and orig['merge_max_abs_diff'] <= MERGE_TOLERANCE
     # merging into the dequantized weights reproduces the adapter on the 4-bit base up to its bf16 compute;
     # merging into the original weights differs by the quantization error of the base
     tok = load_base('tiny', training=False)[1]
-    ref = prompt_logits(load_adapter(load_base('tiny', load_in_4bit=True, training=False)[0], run/'adapter'), tok, check_records())
-    gap_orig = logit_gap(prompt_logits(load_base(str(tmp_path/'orig'), training=False)[0], tok, check_records()), ref)
+    ref = prompt_logits(load_adapter(load_base('tiny', load_in_4bit=True, training=False)[0], run/'adapter'), tok, recs)
+    gap_orig = logit_gap(prompt_logits(load_base(str(tmp_path/'orig'), training=False)[0], tok, recs), ref)
     assert deq['gap_to_4bit_adapter'] < gap_orig / 3, (deq['gap_to_4bit_adapter'], gap_orig)

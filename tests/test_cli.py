@@ -62,7 +62,7 @@ def test_errors_are_one_line(args, code, message):
     assert message in err and 'Traceback' not in err, err[-3000:]
 
 
-@pytest.mark.parametrize('cmd', ['train', 'eval', 'chat', 'demo', 'merge', 'export', 'bench', 'estimate', 'tensorboard'])
+@pytest.mark.parametrize('cmd', ['train', 'eval', 'chat', 'demo', 'merge', 'export', 'bench', 'estimate', 'doctor', 'tensorboard'])
 def test_every_subcommand_has_help(cmd):
     code, out, err = run(cmd, '--help')
     assert code == 0 and 'usage: lora-nb' in out
@@ -73,3 +73,10 @@ def test_chat_answers_one_message(adapter):
                          'Triage this support ticket. Reply with JSON: intent, order_id, urgent.', '-m', 'Where is order 12345?')
     assert code == 0 and 'Traceback' not in err, err[-3000:]
     assert out.endswith('\n')  # one answer printed (the tiny random model's text itself can be anything)
+
+
+def test_doctor_clean_and_faulty():
+    code, out, err = run('doctor')
+    assert code == 0, out + err[-2000:]
+    code, out, err = run('doctor', '--set', 'lora.target_modules=q_proj,qkv')
+    assert code == 1 and 'qkv' in out + err, out + err[-2000:]

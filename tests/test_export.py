@@ -75,6 +75,7 @@ def test_file_metadata_and_tensors(stand_in, f32_file, tmp_path):
     assert q8.stat().st_size < 0.4 * f32_file.stat().st_size
 
 
+@pytest.mark.slow
 def test_q8_0_on_smollm2(tmp_path):
     """The real model: the Q8_0 file holds exactly gguf.quants' Q8_0 of every weight (bit for bit, after transformers
     undoes the q/k permutation), and the next-token choice mostly survives quantization"""
@@ -169,6 +170,60 @@ def test_rslora_scale_is_folded_into_b(tmp_path):
     assert json.loads((adapter/'adapter_config.json').read_text())['use_rslora']
     _, worst = _lora_matches_merged(adapter, merged_dir, tmp_path)
     assert worst < 1e-5
+
+
+def _tokenizer_round_trip(tok, model_dir, vocab_size, tmp_path, probe):
+    "Save a random tiny Llama with `tok`, export it, and return (metadata, tokenizer transformers rebuilt from the GGUF)"
+    from transformers import AutoModelForCausalLM
+    from lora_nb.models import tiny_config
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(tiny_config(vocab_size=vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                     pad_token_id=tok.pad_token_id))
+    m.save_pretrained(model_dir); tok.save_pretrained(model_dir)
+    f = export_gguf(model_dir, tmp_path/'tok.gguf', 'f32')
+    _, gtok = load_gguf(f)
+    assert [gtok(s)['input_ids'] for s in probe] == [tok(s)['input_ids'] for s in probe]
+    return gguf_metadata(f, max_items=None), gtok
+
+
+PROBE = ["Hello World 12345 ticket  two  spaces\n\nnew line café 😀", "\n\nHello  \n  x", "I'VE got 3 orders: #58392, #11111!", "日本語 ß ∑ \t tab",
+         "Triage this support ticket. Reply with JSON: intent, order_id, urgent."]
+
+
+def test_sentencepiece_tokenizer_llama2_style(tmp_path):
+    "A Llama 2 style tokenizer (SentencePiece BPE, byte fallback): scores and token types as SentencePiece's own"
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    text = [r['instruction'] + '\n' + r['input'] + '\n' + r['output'] for r in read_records(str(project_root()/CFG.data.train_file))]
+    src = tmp_path/'spm'; src.mkdir()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(src/'tokenizer'), vocab_size=1000, model_type='bpe',
+                                   byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   split_digits=True, remove_extra_whitespaces=False, minloglevel=2)
+    (src/'tokenizer_config.json').write_text(json.dumps(dict(tokenizer_class='LlamaTokenizer', bos_token='<s>', eos_token='</s>',
+                                                              unk_token='<unk>', add_bos_token=True)))
+    tok = AutoTokenizer.from_pretrained(src)
+    md, _ = _tokenizer_round_trip(tok, tmp_path/'model', 1000, tmp_path, PROBE)
+    sp = spm.SentencePieceProcessor(model_file=str(src/'tokenizer.model'))
+    assert (md['tokenizer.ggml.model'], md['tokenizer.ggml.pre'], md['tokenizer.ggml.add_bos_token'], md['tokenizer.ggml.add_space_prefix']) == ('llama', 'default', True, True)
+    assert md['tokenizer.ggml.tokens'] == [sp.IdToPiece(i) for i in range(1000)]
+    assert md['tokenizer.ggml.scores'] == [sp.GetScore(i) for i in range(1000)]
+    assert md['tokenizer.ggml.token_type'] == [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 1 for i in range(1000)]
+
+
+def test_llama3_pre_tokenizer(stand_in, tmp_path):
+    "A Llama 3 style pre-tokenizer (its split regex, then byte-level) is named llama-bpe and survives the round trip"
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    tok = stand_in[3]
+    backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS['llama-bpe']), 'isolated'),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    l3 = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                                 unk_token=tok.unk_token, pad_token=tok.pad_token)
+    assert l3('\n\nHello')['input_ids'] != tok('\n\nHello')['input_ids']  # the regex matters for this text
+    md, _ = _tokenizer_round_trip(l3, tmp_path/'model', 49152, tmp_path, PROBE)
+    assert md['tokenizer.ggml.pre'] == 'llama-bpe'
 
 
 def test_llama_cpp_runs_the_files(stand_in, f32_file, tmp_path):
