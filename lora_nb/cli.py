@@ -10,7 +10,7 @@ import argparse, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_merge', 'cmd_export', 'cmd_bench', 'cmd_doctor', 'cmd_estimate',
+__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_merge', 'cmd_export', 'cmd_doctor', 'cmd_estimate',
            'cmd_tensorboard', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c006
@@ -90,11 +90,6 @@ def cmd_export(a):
     print(f"written: {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
     if a.model and ollama: print(f"written: {Path(path).parent/'Modelfile'}")
 
-def cmd_bench(a):
-    "Time the older guides' recipe, TRL's defaults and lora_nb's path on the same data; last line is JSON"
-    from lora_nb.bench import run_bench
-    run_bench(model=a.model, steps=a.steps, examples=a.examples, batch_size=a.batch_size, save=a.output)
-
 def cmd_doctor(a):
     "Check settings, data, tokenizer and model for known LoRA pitfalls; exit 1 on error-level findings"
     from lora_nb.diagnostics import diagnose, format_findings, has_errors
@@ -146,10 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--output', required=True, help='the .gguf file to write')
     s.add_argument('--dtype', choices=['f32', 'f16', 'bf16', 'q8_0'], help='tensor type (default: [export] dtype)')
     s.add_argument('--ollama', action='store_true', help='also write an Ollama Modelfile next to the GGUF')
-    s = add('bench', cmd_bench, 'benchmark training recipes side by side')
-    s.add_argument('--model', default='smollm2-135m'); s.add_argument('--steps', type=int, default=10, help='training steps per recipe')
-    s.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
-    s.add_argument('--batch-size', type=int, default=8); s.add_argument('--output', help='also write the figures as JSON here')
     s = add('doctor', cmd_doctor, 'check a config, its data and model for known pitfalls'); _settings_args(s)
     s.add_argument('--run', help='also check a finished run folder (template drift, overfitting)')
     s = add('estimate', cmd_estimate, 'estimate training memory from a model config')

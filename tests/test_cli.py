@@ -62,7 +62,7 @@ def test_errors_are_one_line(args, code, message):
     assert message in err and 'Traceback' not in err, err[-3000:]
 
 
-@pytest.mark.parametrize('cmd', ['train', 'eval', 'chat', 'demo', 'merge', 'export', 'bench', 'estimate', 'doctor', 'tensorboard'])
+@pytest.mark.parametrize('cmd', ['train', 'eval', 'chat', 'demo', 'merge', 'export', 'estimate', 'doctor', 'tensorboard'])
 def test_every_subcommand_has_help(cmd):
     code, out, err = run(cmd, '--help')
     assert code == 0 and 'usage: lora-nb' in out
