@@ -25,7 +25,7 @@ demo: install
 # nbdev-test runs every notebook with the fast profile (tiny model); pytest runs tests/.
 test: install
 	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 2
-	LORA_NB_PROFILE=fast $(BIN)/pytest -q tests
+	LORA_NB_PROFILE=fast LORA_NB_BROWSER_TIMEOUT=480 $(BIN)/pytest -q tests
 
 # real-model checks: notebook cells marked `#| slow` and pytest tests marked slow
 test-slow: install
