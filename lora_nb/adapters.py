@@ -6,17 +6,17 @@ Docs: https://github.com/lora-nb/lora_nb/adapters.html.md"""
 
 # %% ../nbs/05_adapters.ipynb #c003
 from __future__ import annotations
-import configparser, json, os, re, shutil, time, warnings
+import configparser, json, os, re, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'MERGE_TOLERANCE', 'task_overrides', 'checkpoint_bytes', 'AdapterSize',
-           'adapter_size', 'AdapterError', 'read_adapter_config', 'base_model_name', 'read_adapter_weights',
-           'check_adapter_fits', 'check_adapter_loaded', 'load_adapter', 'using_adapter', 'evaluate_adapters',
-           'exact_match_table', 'combine_adapters', 'save_adapter', 'check_records', 'prompt_logits', 'logit_gap',
-           'run_quant_settings', 'dequantized_base', 'merge_adapter']
+__all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'MERGE_TOLERANCE', 'MERGE_RTOL', 'task_overrides', 'checkpoint_bytes',
+           'AdapterSize', 'adapter_size', 'AdapterError', 'read_adapter_config', 'base_model_name',
+           'read_adapter_weights', 'check_adapter_fits', 'check_adapter_loaded', 'load_adapter', 'using_adapter',
+           'evaluate_adapters', 'exact_match_table', 'combine_adapters', 'save_adapter', 'merge_tolerance',
+           'check_records', 'prompt_logits', 'logit_gap', 'run_quant_settings', 'dequantized_base', 'merge_adapter']
 
 # %% ../nbs/05_adapters.ipynb #c004
 import torch
@@ -81,7 +81,7 @@ def base_model_name(adapter_dir) -> str:
     if not name: raise AdapterError(f"{Path(adapter_dir)/ADAPTER_CONFIG}: base_model_name_or_path is empty; name the base explicitly")
     return name
 
-# %% ../nbs/05_adapters.ipynb #c028
+# %% ../nbs/05_adapters.ipynb #c030
 def read_adapter_weights(adapter_dir) -> dict:
     "The tensors of adapter_model.safetensors, after checking the file is complete and finite"
     from safetensors import SafetensorError
@@ -109,7 +109,7 @@ def read_adapter_weights(adapter_dir) -> dict:
     if bad: raise AdapterError(f"{p}: {len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]}")
     return tensors
 
-# %% ../nbs/05_adapters.ipynb #c030
+# %% ../nbs/05_adapters.ipynb #c032
 _LORA_KEY = re.compile(r'^base_model\.model\.(.+)\.lora_([AB])\.weight$')
 
 def _inner_model(model):
@@ -154,7 +154,7 @@ def check_adapter_fits(model, adapter_dir, weights:dict|None=None, config:dict|N
         raise AdapterError(f"{p}: does not fit this base ({_describe(model)}): {misfit[0]}; "
                            f"{len(misfit)} of {n} LoRA tensors do not fit; {trained_on}")
 
-# %% ../nbs/05_adapters.ipynb #c032
+# %% ../nbs/05_adapters.ipynb #c034
 def check_adapter_loaded(model, adapter_dir, name:str, weights:dict):
     "Raise `AdapterError` unless adapter `name` in `model` holds exactly the tensors in `weights`"
     from peft.utils import get_peft_model_state_dict
@@ -173,7 +173,7 @@ def check_adapter_loaded(model, adapter_dir, name:str, weights:dict):
         if h.shape != f.shape or not (torch.equal(h, f) if exact else torch.allclose(h, f, rtol=1e-2, atol=1e-6)):
             raise AdapterError(f"{p}: {k} in the model differs from the file after loading")
 
-# %% ../nbs/05_adapters.ipynb #c034
+# %% ../nbs/05_adapters.ipynb #c036
 def load_adapter(base_model, adapter_dir, name:str='default', is_trainable:bool=False):
     "Load the LoRA adapter in `adapter_dir` onto `base_model` as `name`, checked; returns the PeftModel"
     from peft import PeftModel
@@ -197,7 +197,7 @@ def load_adapter(base_model, adapter_dir, name:str='default', is_trainable:bool=
         raise
     return model
 
-# %% ../nbs/05_adapters.ipynb #c049
+# %% ../nbs/05_adapters.ipynb #c051
 @contextmanager
 def using_adapter(model, name:str|None):
     "Run the block with adapter `name` of PEFT `model` active (None: the bare base), then restore the active one"
@@ -209,7 +209,7 @@ def using_adapter(model, name:str|None):
     try: yield model
     finally: model.set_adapter(prev)
 
-# %% ../nbs/05_adapters.ipynb #c053
+# %% ../nbs/05_adapters.ipynb #c055
 def evaluate_adapters(model, tok, adapters:list, task_records:dict, cfg) -> dict:
     "{adapter: {task: metrics}} for each adapter name (None: the bare base) of PEFT `model` on each task's records"
     from lora_nb.infer import evaluate
@@ -223,7 +223,7 @@ def exact_match_table(results:dict) -> dict:
     "{adapter: {task: exact match}} from `evaluate_adapters` results"
     return {name: {task: m['exact_match'] for task, m in by_task.items()} for name, by_task in results.items()}
 
-# %% ../nbs/05_adapters.ipynb #c063
+# %% ../nbs/05_adapters.ipynb #c065
 def combine_adapters(model, adapters:list, weights:list, name:str, combination_type:str='cat') -> str:
     "PEFT's `add_weighted_adapter`, with the new adapter in the model's train/eval mode (PEFT leaves it training)"
     training = model.training
@@ -231,7 +231,7 @@ def combine_adapters(model, adapters:list, weights:list, name:str, combination_t
     model.train(training)
     return name
 
-# %% ../nbs/05_adapters.ipynb #c069
+# %% ../nbs/05_adapters.ipynb #c071
 def save_adapter(model, adapter_dir, name:str|None=None, tokenizer=None) -> Path:
     "Write adapter `name` (default: the active one) of PEFT `model` to the new folder `adapter_dir`, in PEFT format"
     dest = Path(adapter_dir)
@@ -247,8 +247,12 @@ def save_adapter(model, adapter_dir, name:str|None=None, tokenizer=None) -> Path
         read_adapter_config(tmp); read_adapter_weights(tmp)
     return build_atomically(dest, build)
 
-# %% ../nbs/05_adapters.ipynb #c074
-MERGE_TOLERANCE = 1e-4  # largest fp32 logit difference allowed between merged and base + adapter
+# %% ../nbs/05_adapters.ipynb #c076
+MERGE_TOLERANCE, MERGE_RTOL = 1e-4, 1e-5
+
+def merge_tolerance(logits:list) -> float:
+    "Largest fp32 logit gap allowed between merged and base + adapter: 1e-4, or 1e-5 of the largest logit"
+    return max(MERGE_TOLERANCE, MERGE_RTOL * max(x.abs().max().item() for x in logits))
 
 def check_records(n_per_task:int=2) -> list[dict]:
     "The first `n_per_task` test records of each shipped task (from data/, else generated)"
@@ -269,7 +273,7 @@ def logit_gap(a:list, b:list) -> float:
     "Largest absolute difference between two lists of logits from `prompt_logits`"
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
-# %% ../nbs/05_adapters.ipynb #c076
+# %% ../nbs/05_adapters.ipynb #c078
 def run_quant_settings(adapter_dir) -> dict|None:
     "The `[quant]` settings of the run that trained `adapter_dir` (from `../config.ini`), if there is one"
     p = Path(adapter_dir).parent/'config.ini'
@@ -288,7 +292,7 @@ def dequantized_base(name:str, quant_type:str='nf4', double_quant:bool=True):
     model.name_or_path = q.name_or_path
     return model, tok
 
-# %% ../nbs/05_adapters.ipynb #c077
+# %% ../nbs/05_adapters.ipynb #c079
 def _adapter_tokenizer(adapter_dir, fallback):
     "The tokenizer saved in the adapter folder (as `train` does), else `fallback`"
     if not (Path(adapter_dir)/'tokenizer_config.json').exists(): return fallback
@@ -316,19 +320,19 @@ def merge_adapter(adapter_dir, output_dir, base:str|None=None, dtype:str='float3
     ref = prompt_logits(model, tok, records)
     ref_answers = generate_responses(model, tok, records, max_new_tokens=max_new_tokens)
     merged = model.merge_and_unload(safe_merge=True)
-    gap = logit_gap(prompt_logits(merged, tok, records), ref)
-    if gap > MERGE_TOLERANCE:
-        raise AdapterError(f"{adapter_dir}: merged logits differ from base + adapter by {gap:.2e} (> {MERGE_TOLERANCE:.0e}); nothing written")
+    gap, tol = logit_gap(prompt_logits(merged, tok, records), ref), merge_tolerance(ref)
+    if gap > tol:
+        raise AdapterError(f"{adapter_dir}: merged logits differ from base + adapter by {gap:.2e} (> {tol:.1e}); nothing written")
     merged = merged.to(DTYPES[dtype])
     summary = dict(output=str(out), adapter=str(adapter_dir), base=base, dtype=dtype, from_4bit=from_4bit,
-                   merge_max_abs_diff=gap, check_prompts=len(records))
+                   merge_max_abs_diff=gap, tolerance=tol, check_prompts=len(records))
     def build(tmp:Path):
         merged.save_pretrained(tmp); tok.save_pretrained(tmp)
         again, _ = load_base(str(tmp), dtype=dtype, training=False)
         answers = generate_responses(again, tok, records, max_new_tokens=max_new_tokens)
         summary.update(saved_max_abs_diff=logit_gap(prompt_logits(again, tok, records), ref),
                        greedy_same=sum(a == b for a, b in zip(answers, ref_answers)))
-        if dtype == 'float32' and summary['saved_max_abs_diff'] > MERGE_TOLERANCE:
+        if dtype == 'float32' and summary['saved_max_abs_diff'] > tol:
             raise AdapterError(f"{tmp}: the saved model does not reproduce base + adapter ({summary}); nothing written")
         summary.update(model_bytes=checkpoint_bytes(tmp), adapter_bytes=checkpoint_bytes(adapter_dir))
         if from_4bit:  # how close the merged model is to what was trained: the adapter on the 4-bit base

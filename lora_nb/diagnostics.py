@@ -335,8 +335,13 @@ def diagnose(cfg, model=None, tokenizer=None, records=None, collator=None, run=N
     from lora_nb.data import token_stats
     out = check_optimization(cfg) + check_precision(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg.model.name)
-    records = load_splits(cfg.data)['train'] if records is None else records
-    out += check_data(cfg, tokenizer, records) + check_batches(cfg, tokenizer, records, collator, n_batches)
+    if records is None:
+        try: records = load_splits(cfg.data)['train']
+        except (OSError, ValueError) as e:
+            return out + [Finding('error', 'records', f"the training data cannot be read: {e}", 'fix [data] train_file')]
+    out += check_data(cfg, tokenizer, records)
+    if not has_errors([f for f in out if f.check == 'records']):
+        out += check_batches(cfg, tokenizer, records, collator, n_batches)
     try: stats = token_stats(records, tokenizer, cfg.data.template)
     except Exception: stats = None  # invalid records: check_data has reported them
     out += check_memory(cfg, stats=stats)

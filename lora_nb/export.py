@@ -13,10 +13,10 @@ from contextlib import contextmanager
 # %% auto #0
 __all__ = ['GGUF_DTYPES', 'FILE_TYPES', 'OLLAMA_TEMPLATES', 'gguf_metadata', 'gguf_tensor_table', 'ExportError',
            'read_model_config', 'rope_settings', 'llama_hparams', 'permute_qk', 'unpermute_qk', 'checkpoint_index',
-           'gguf_name', 'llama_gguf_tensors', 'storage_type', 'pre_tokenizer_name', 'tokenizer_metadata', 'write_gguf',
-           'export_gguf', 'load_gguf', 'llama_cpp_status', 'llama_cpp_generate', 'transformers_greedy_ids',
-           'chatml_system', 'modelfile_text', 'write_modelfile', 'render_go_template', 'read_adapter_config',
-           'lora_gguf_tensors', 'export_lora_gguf']
+           'gguf_name', 'llama_gguf_tensors', 'storage_type', 'pre_tokenizer_name', 'byte_level_vocab',
+           'sentencepiece_vocab', 'tokenizer_metadata', 'write_gguf', 'export_gguf', 'load_gguf', 'llama_cpp_status',
+           'llama_cpp_tokenize', 'llama_cpp_generate', 'transformers_greedy_ids', 'chatml_system', 'modelfile_text',
+           'write_modelfile', 'render_go_template', 'read_adapter_config', 'lora_gguf_tensors', 'export_lora_gguf']
 
 # %% ../nbs/07_export.ipynb #c004
 import numpy as np
@@ -142,25 +142,6 @@ def storage_type(name:str, shape, dtype:str) -> QT:
     return qt
 
 # %% ../nbs/07_export.ipynb #c032
-def pre_tokenizer_name(tok) -> str:
-    "llama.cpp's name (tokenizer.ggml.pre) for a byte-level BPE tokenizer's pre-tokenizer"
-    pt = json.loads(tok.backend_tokenizer.to_str()).get('pre_tokenizer') or {}
-    parts = pt['pretokenizers'] if pt.get('type') == 'Sequence' else [pt]
-    kinds = [p.get('type') for p in parts]
-    if kinds == ['ByteLevel'] and parts[0].get('use_regex', True): return 'gpt-2'
-    if kinds == ['Digits', 'ByteLevel'] and parts[0].get('individual_digits') and parts[1].get('use_regex', True): return 'smollm'
-    if kinds == ['Split', 'ByteLevel'] and not parts[1].get('use_regex', True):
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-        if parts[0].get('pattern', {}).get('Regex') == GGUF_PRE_TOKENIZER_SPLITS['llama-bpe']: return 'llama-bpe'
-    raise ExportError(f"unrecognised pre-tokenizer {json.dumps(pt)[:300]}: GGUF export knows GPT-2's, SmolLM's and Llama 3's")
-
-def _adds_token(tok, token_id, first:bool) -> bool:
-    "Does the tokenizer add `token_id` at the start (`first`) or end of an encoded text by itself?"
-    if token_id is None: return False
-    plain, full = tok('a b', add_special_tokens=False)['input_ids'], tok('a b')['input_ids']
-    return len(full) > len(plain) and (full[0] if first else full[-1]) == token_id
-
-# %% ../nbs/07_export.ipynb #c034
 def _vocab_arrays(spec:dict, vocab_size:int, kind) -> tuple[list, list]:
     "Token strings and types for ids 0..vocab_size-1: [PAD<id>] for ids the tokenizer lacks; added tokens control/user-defined"
     tokens, types = [f'[PAD{i}]' for i in range(vocab_size)], [TokenType.UNUSED] * vocab_size
@@ -173,36 +154,60 @@ def _vocab_arrays(spec:dict, vocab_size:int, kind) -> tuple[list, list]:
 
 def _merges(model:dict) -> list[str]: return [m if isinstance(m, str) else ' '.join(m) for m in model['merges']]
 
+def pre_tokenizer_name(spec:dict) -> str:
+    "llama.cpp's name (tokenizer.ggml.pre) for the pre-tokenizer of a byte-level BPE tokenizer.json"
+    pt = spec.get('pre_tokenizer') or {}
+    parts = pt['pretokenizers'] if pt.get('type') == 'Sequence' else [pt]
+    kinds = [p.get('type') for p in parts]
+    if kinds == ['ByteLevel'] and parts[0].get('use_regex', True): return 'gpt-2'
+    if kinds == ['Digits', 'ByteLevel'] and parts[0].get('individual_digits') and parts[1].get('use_regex', True): return 'smollm'
+    if kinds == ['Split', 'ByteLevel'] and not parts[1].get('use_regex', True):
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+        if parts[0].get('pattern', {}).get('Regex') == GGUF_PRE_TOKENIZER_SPLITS['llama-bpe']: return 'llama-bpe'
+    raise ExportError(f"unrecognised pre-tokenizer {json.dumps(pt)[:300]}: GGUF export knows GPT-2's, SmolLM's and Llama 3's")
+
+def byte_level_vocab(spec:dict, vocab_size:int) -> dict:
+    "tokenizer.ggml.* keys for a byte-level BPE vocabulary (llama.cpp's `gpt2`: SmolLM2, Llama 3)"
+    tokens, types = _vocab_arrays(spec, vocab_size, lambda t: TokenType.NORMAL)
+    return {'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': pre_tokenizer_name(spec), 'tokenizer.ggml.tokens': tokens,
+            'tokenizer.ggml.token_type': [int(t) for t in types], 'tokenizer.ggml.merges': _merges(spec['model'])}
+
+# %% ../nbs/07_export.ipynb #c034
 def _prepends_space(spec:dict) -> bool:
     "Does a SentencePiece-style tokenizer put '▁' before the text (Metaspace prepend, or a Prepend normalizer)?"
     parts = lambda x: (x or {}).get('pretokenizers') or (x or {}).get('normalizers') or [x or {}]
     return (any(p.get('type') == 'Metaspace' and p.get('prepend_scheme', 'always') != 'never' for p in parts(spec.get('pre_tokenizer')))
             or any(p.get('type') == 'Prepend' for p in parts(spec.get('normalizer'))))
 
-# %% ../nbs/07_export.ipynb #c035
+def sentencepiece_vocab(spec:dict, vocab_size:int, unk_id:int|None) -> dict:
+    "tokenizer.ggml.* keys for a SentencePiece-style BPE vocabulary with byte fallback (llama.cpp's `llama`: Llama 2)"
+    norm = spec.get('normalizer') or {}
+    odd = [n.get('type') for n in (norm.get('normalizers') or [norm]) if n and n.get('type') not in ('Prepend', 'Replace')]
+    if odd: raise ExportError(f"tokenizer: normalizer {odd} has no GGUF equivalent (llama.cpp applies no Unicode normalization)")
+    tokens, types = _vocab_arrays(spec, vocab_size, lambda t: TokenType.BYTE if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', t) else TokenType.NORMAL)
+    if unk_id is not None and unk_id < vocab_size: types[unk_id] = TokenType.UNKNOWN
+    merges, created = _merges(spec['model']), {}
+    for i, m in enumerate(merges): created.setdefault(m.replace(' ', ''), i)
+    order = sorted((i for i, ty in enumerate(types) if ty == TokenType.NORMAL), key=lambda i: (created.get(tokens[i], math.inf), i))
+    scores = [0.0] * vocab_size
+    for rank, i in enumerate(order): scores[i] = -float(rank)
+    return {'tokenizer.ggml.model': 'llama', 'tokenizer.ggml.pre': 'default', 'tokenizer.ggml.tokens': tokens,
+            'tokenizer.ggml.scores': scores, 'tokenizer.ggml.token_type': [int(t) for t in types],
+            'tokenizer.ggml.merges': merges, 'tokenizer.ggml.add_space_prefix': _prepends_space(spec)}
+
+# %% ../nbs/07_export.ipynb #c036
+def _adds_token(tok, token_id, first:bool) -> bool:
+    "Does the tokenizer add `token_id` at the start (`first`) or end of an encoded text by itself?"
+    if token_id is None: return False
+    plain, full = tok('a b', add_special_tokens=False)['input_ids'], tok('a b')['input_ids']
+    return len(full) > len(plain) and (full[0] if first else full[-1]) == token_id
+
 def tokenizer_metadata(tok, vocab_size:int) -> dict:
-    "The `tokenizer.*` GGUF keys: byte-level BPE (SmolLM2, Llama 3) or SentencePiece-style BPE (Llama 2)"
+    "The `tokenizer.*` GGUF keys of a transformers tokenizer: byte-level BPE (SmolLM2, Llama 3) or SentencePiece-style (Llama 2)"
     spec = json.loads(tok.backend_tokenizer.to_str())
-    model = spec['model']
-    if model.get('type') != 'BPE':
-        raise ExportError(f"tokenizer: a {model.get('type')} model; GGUF export writes BPE tokenizers (SmolLM2, Llama 2, Llama 3)")
-    if model.get('byte_fallback'):  # SentencePiece style
-        tokens, types = _vocab_arrays(spec, vocab_size, lambda t: TokenType.BYTE if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', t) else TokenType.NORMAL)
-        if tok.unk_token_id is not None and tok.unk_token_id < vocab_size: types[tok.unk_token_id] = TokenType.UNKNOWN
-        merges, created = _merges(model), {}
-        for i, m in enumerate(merges): created.setdefault(m.replace(' ', ''), i)
-        # pieces in the order BPE created them (merged pieces by their first merge, then single characters): score = -rank
-        order = sorted((i for i, ty in enumerate(types) if ty == TokenType.NORMAL), key=lambda i: (created.get(tokens[i], math.inf), i))
-        scores = [0.0] * vocab_size
-        for rank, i in enumerate(order): scores[i] = -float(rank)
-        md = {'tokenizer.ggml.model': 'llama', 'tokenizer.ggml.pre': 'default', 'tokenizer.ggml.tokens': tokens,
-              'tokenizer.ggml.scores': scores,
-              'tokenizer.ggml.token_type': [int(t) for t in types], 'tokenizer.ggml.merges': merges,
-              'tokenizer.ggml.add_space_prefix': _prepends_space(spec)}
-    else:
-        tokens, types = _vocab_arrays(spec, vocab_size, lambda t: TokenType.NORMAL)
-        md = {'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': pre_tokenizer_name(tok), 'tokenizer.ggml.tokens': tokens,
-              'tokenizer.ggml.token_type': [int(t) for t in types], 'tokenizer.ggml.merges': _merges(model)}
+    if spec['model'].get('type') != 'BPE':
+        raise ExportError(f"tokenizer: a {spec['model'].get('type')} model; GGUF export writes BPE tokenizers (SmolLM2, Llama 2, Llama 3)")
+    md = sentencepiece_vocab(spec, vocab_size, tok.unk_token_id) if spec['model'].get('byte_fallback') else byte_level_vocab(spec, vocab_size)
     md |= {'tokenizer.ggml.add_bos_token': _adds_token(tok, tok.bos_token_id, True),
            'tokenizer.ggml.add_eos_token': _adds_token(tok, tok.eos_token_id, False)}
     for key, tid in (('bos', tok.bos_token_id), ('eos', tok.eos_token_id), ('unknown', tok.unk_token_id), ('padding', tok.pad_token_id)):
@@ -210,7 +215,7 @@ def tokenizer_metadata(tok, vocab_size:int) -> dict:
     if getattr(tok, 'chat_template', None): md['tokenizer.chat_template'] = tok.chat_template
     return md
 
-# %% ../nbs/07_export.ipynb #c039
+# %% ../nbs/07_export.ipynb #c040
 def _add_value(w:GGUFWriter, key:str, v):
     "Add one metadata value with the GGUF type llama.cpp expects for it"
     if isinstance(v, bool): w.add_bool(key, v)
@@ -248,7 +253,7 @@ def write_gguf(output, arch:str, metadata:dict, tensors) -> Path:
         if os.path.exists(tmp): os.unlink(tmp)
     return output
 
-# %% ../nbs/07_export.ipynb #c041
+# %% ../nbs/07_export.ipynb #c042
 def export_gguf(model_dir, # a merged model folder (save_pretrained): config.json, model.safetensors, tokenizer
                 output, # the .gguf file to write
                 dtype:str='f32', # f32 | f16 | bf16 | q8_0
@@ -264,14 +269,15 @@ def export_gguf(model_dir, # a merged model folder (save_pretrained): config.jso
           gguf.Keys.General.FILE_TYPE: int(FILE_TYPES[dtype])}
     if dtype == 'q8_0': md[gguf.Keys.General.QUANTIZATION_VERSION] = gguf.GGML_QUANT_VERSION
     md |= llama_hparams(c)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    try: tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e: raise ExportError(f"{model_dir}: no loadable tokenizer ({type(e).__name__}); save it with the model") from None
     md |= tokenizer_metadata(tok, c['vocab_size'])
     tensors = [(n, shape, storage_type(n, shape, dtype), load) for n, shape, load in llama_gguf_tensors(model_dir, c)]
     out = write_gguf(output, 'llama', md, tensors)
     if ollama: write_modelfile(out, tok, cfg)
     return out
 
-# %% ../nbs/07_export.ipynb #c050
+# %% ../nbs/07_export.ipynb #c051
 @contextmanager
 def _quiet_gguf_loading():
     "Silence transformers' per-tensor GGUF progress bar and info logs"
@@ -292,7 +298,7 @@ def load_gguf(path, dtype=None, tokenizer:bool=True):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
     return model.eval(), tok
 
-# %% ../nbs/07_export.ipynb #c062
+# %% ../nbs/07_export.ipynb #c063
 def llama_cpp_status() -> str|None:
     "None when `llama_cpp` (llama-cpp-python) imports, else why not and how to install it"
     try: import llama_cpp  # noqa: F401
@@ -300,20 +306,29 @@ def llama_cpp_status() -> str|None:
         return f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python (builds llama.cpp, ~6.5 min on 2 cores)"
     return None
 
-def llama_cpp_generate(gguf_path, prompts, max_new_tokens:int=48, lora=None, n_ctx:int=1024) -> list[list[int]]:
-    "Greedy continuation token ids (up to EOS) of each prompt, computed by llama.cpp; `lora`: a GGUF LoRA file to apply"
+@contextmanager
+def _llama(gguf_path, lora=None, n_ctx:int=1024):
+    "A llama_cpp.Llama for `gguf_path` (plus a GGUF LoRA), closed on exit"
     from llama_cpp import Llama
     llm = Llama(model_path=str(gguf_path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_threads=os.cpu_count(),
                 verbose=False, seed=0)
+    try: yield llm
+    finally: llm.close()
+
+def llama_cpp_tokenize(gguf_path, texts) -> list[list[int]]:
+    "Token ids llama.cpp's tokenizer gives each text (special tokens parsed, no BOS added)"
+    with _llama(gguf_path) as llm: return [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
+
+def llama_cpp_generate(gguf_path, prompts, max_new_tokens:int=48, lora=None) -> list[list[int]]:
+    "Greedy continuation token ids (up to EOS) of each prompt, computed by llama.cpp; `lora`: a GGUF LoRA file to apply"
     out = []
-    for p in prompts:
-        ids = llm.tokenize(p.encode(), add_bos=False, special=True)
-        gen = []
-        llm.reset()
-        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            if t == llm.token_eos() or len(gen) == max_new_tokens: break
-            gen.append(t)
-        out.append(gen)
+    with _llama(gguf_path, lora) as llm:
+        for p in prompts:
+            gen = []
+            for t in llm.generate(llm.tokenize(p.encode(), add_bos=False, special=True), temp=0.0, top_k=1, reset=True):
+                if t == llm.token_eos() or len(gen) == max_new_tokens: break
+                gen.append(t)
+            out.append(gen)
     return out
 
 def transformers_greedy_ids(model, tok, prompts, max_new_tokens:int=48) -> list[list[int]]:
@@ -327,7 +342,7 @@ def transformers_greedy_ids(model, tok, prompts, max_new_tokens:int=48) -> list[
         out.append(g[:g.index(tok.eos_token_id)] if tok.eos_token_id in g else g)
     return out
 
-# %% ../nbs/07_export.ipynb #c065
+# %% ../nbs/07_export.ipynb #c066
 OLLAMA_TEMPLATES = {
     'alpaca': ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}\n\n### Response:\n"
                "{{ else }}### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ end }}{{ .Response }}"),
@@ -372,7 +387,7 @@ def write_modelfile(gguf_path, tok, cfg=None) -> Path:
     atomic_write_text(path, text)
     return path
 
-# %% ../nbs/07_export.ipynb #c069
+# %% ../nbs/07_export.ipynb #c070
 _GO_ACTION = re.compile(r'\{\{\s*(?:if\s+\.(?P<cond>\w+)|(?P<kw>else|end)|\.(?P<field>\w+))\s*\}\}')
 
 def render_go_template(template:str, **fields) -> str:
@@ -389,7 +404,7 @@ def render_go_template(template:str, **fields) -> str:
     if stack: raise ValueError("unclosed {{ if }} in template")
     return ''.join(out) + template[pos:]
 
-# %% ../nbs/07_export.ipynb #c072
+# %% ../nbs/07_export.ipynb #c073
 def read_adapter_config(adapter_dir) -> dict:
     "adapter_config.json of a PEFT LoRA adapter folder, refused with the reason if llama.cpp could not apply it"
     p = Path(adapter_dir)/'adapter_config.json'
@@ -426,7 +441,7 @@ def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict) -> list:
         out += [(name + '.lora_a', A), (name + '.lora_b', B)]
     return out
 
-# %% ../nbs/07_export.ipynb #c073
+# %% ../nbs/07_export.ipynb #c074
 def export_lora_gguf(adapter_dir, # a PEFT LoRA adapter folder (save_pretrained)
                      output, # the .gguf file to write
                      base:str|None=None, # its base model (default: the adapter's base_model_name_or_path)

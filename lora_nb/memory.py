@@ -412,14 +412,18 @@ def max_batch(config_or_name, budget_bytes:float, **kw) -> int:
 _LOAD_DTYPE = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16', 'bfloat16': 'bfloat16', 'fp16': 'float16',
                'float16': 'float16', 'bf16-mixed': 'float32'}
 
-def _rss_now() -> int:
-    "Current resident set size of this process, bytes"
-    try: return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-    except OSError: return _rss_peak()
+def _rss_parts() -> dict:
+    "This process's resident memory, bytes: {'anon': ..., 'file': ...} (Linux), {} where /proc is missing"
+    try: status = dict(l.split(':', 1) for l in open('/proc/self/status') if ':' in l)
+    except OSError: return {}
+    kb = lambda k: int(status[k].split()[0]) * 1024
+    return {'anon': kb('RssAnon'), 'file': kb('RssFile') + kb('RssShmem')}
 
 def _rss_peak() -> int:
-    "Peak resident set size of this process, bytes (ru_maxrss is KB on Linux, bytes on macOS)"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
+    "Peak resident set size of this process, bytes: VmHWM on Linux, else ru_maxrss (KB on Linux, bytes on macOS)"
+    try:  # ru_maxrss is also at least the parent's size when it forked us; VmHWM is this process's own, and resettable
+        return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+    except (OSError, StopIteration): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
 
 def _reset_rss_peak() -> bool:
     "Reset the high-water mark to the current size (Linux); False where that is not possible"
@@ -447,7 +451,7 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
     gc.collect()
     cuda = device == 'cuda'
     if cuda: torch.cuda.reset_peak_memory_stats()
-    baseline = 0 if cuda else _rss_now()
+    baseline = 0 if cuda else _rss_parts().get('anon', _rss_peak())
     m, tok = load_base(model, dtype=_LOAD_DTYPE[dtype], load_in_4bit=method == 'qlora', device=device,
                        gradient_checkpointing=gradient_checkpointing)
     del tok
@@ -466,7 +470,9 @@ def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_d
             loss = m(input_ids=ids, labels=ids).loss
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         losses.append(loss.item()); del loss
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss_peak() - baseline
+    # CPU: the peak resident size, less the file-backed pages (shared libraries, mapped files: not the model's, and
+    # the kernel may drop and re-read them at any time), less the anonymous memory of the baseline
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss_peak() - _rss_parts().get('file', 0) - baseline
     return dict(peak_bytes=peak, baseline_bytes=baseline, peak_reset_after_load=reset, losses=losses,
                 step_seconds=(time.time() - t0) / steps, device=device)
 

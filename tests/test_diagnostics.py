@@ -186,3 +186,8 @@ def test_format_and_symptoms():
     assert 'explains: Slow training' in text
     named = {c for s in SYMPTOMS for c in s['checks']}
     assert {'eos-masked', 'prompt-template', 'memory', 'overfitting', 'padding-waste'} <= named
+
+
+def test_unreadable_training_data(tok):
+    found = diagnose(fast('data.train_file=data/no_such_file.jsonl', 'data.val_file='), tokenizer=tok)
+    assert checks(found) == ['records'] and has_errors(found)

@@ -10,7 +10,7 @@ from gguf import GGUFReader
 from lora_nb.config import load_config, project_root
 from lora_nb.data import build_prompt, read_records, TASKS
 from lora_nb.export import (ExportError, OLLAMA_TEMPLATES, export_gguf, export_lora_gguf, gguf_metadata, gguf_tensor_table,
-                            llama_cpp_generate, llama_cpp_status, llama_gguf_tensors, load_gguf, read_model_config,
+                            llama_cpp_generate, llama_cpp_status, llama_cpp_tokenize, llama_gguf_tensors, tokenizer_metadata, load_gguf, read_model_config,
                             render_go_template, transformers_greedy_ids, write_modelfile)
 from lora_nb.models import attach_lora, embedded_checkpoint, load_base, resolve_model
 
@@ -117,6 +117,8 @@ def test_refusals(stand_in, tmp_path):
     (tmp_path/'yarn').mkdir()
     (tmp_path/'yarn'/'config.json').write_text(json.dumps({**rope, 'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}))
     with pytest.raises(ExportError, match="RoPE type 'yarn'"): export_gguf(tmp_path/'yarn', tmp_path/'y.gguf')
+    (tmp_path/'no_tok').mkdir(); (tmp_path/'no_tok'/'config.json').write_text(json.dumps(rope))
+    with pytest.raises(ExportError, match='no loadable tokenizer'): export_gguf(tmp_path/'no_tok', tmp_path/'n.gguf')
     assert not list(tmp_path.glob('*.gguf'))
 
 
@@ -172,18 +174,20 @@ def test_rslora_scale_is_folded_into_b(tmp_path):
     assert worst < 1e-5
 
 
-def _tokenizer_round_trip(tok, model_dir, vocab_size, tmp_path, probe):
-    "Save a random tiny Llama with `tok`, export it, and return (metadata, tokenizer transformers rebuilt from the GGUF)"
+def _tokenizer_round_trip(tok, model_dir, vocab_size, tmp_path, probe, **config):
+    "Save a random tiny Llama with `tok`, export it, check what transformers reads back; returns (metadata, file)"
     from transformers import AutoModelForCausalLM
     from lora_nb.models import tiny_config
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(tiny_config(vocab_size=vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                                     pad_token_id=tok.pad_token_id))
+                                                     pad_token_id=tok.pad_token_id, **config)).eval()
     m.save_pretrained(model_dir); tok.save_pretrained(model_dir)
     f = export_gguf(model_dir, tmp_path/'tok.gguf', 'f32')
-    _, gtok = load_gguf(f)
+    g, gtok = load_gguf(f)
     assert [gtok(s)['input_ids'] for s in probe] == [tok(s)['input_ids'] for s in probe]
-    return gguf_metadata(f, max_items=None), gtok
+    ids = tok(probe[0], return_tensors='pt')['input_ids']
+    with torch.no_grad(): assert (m(ids).logits - g(ids).logits).abs().max().item() <= 1e-4
+    return gguf_metadata(f, max_items=None), f
 
 
 PROBE = ["Hello World 12345 ticket  two  spaces\n\nnew line café 😀", "\n\nHello  \n  x", "I'VE got 3 orders: #58392, #11111!", "日本語 ß ∑ \t tab",
@@ -198,16 +202,27 @@ def test_sentencepiece_tokenizer_llama2_style(tmp_path):
     src = tmp_path/'spm'; src.mkdir()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(src/'tokenizer'), vocab_size=1000, model_type='bpe',
                                    byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   split_digits=True, remove_extra_whitespaces=False, minloglevel=2)
+                                   split_digits=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
+                                   minloglevel=2)  # Llama 2's settings: no Unicode normalization
     (src/'tokenizer_config.json').write_text(json.dumps(dict(tokenizer_class='LlamaTokenizer', bos_token='<s>', eos_token='</s>',
                                                               unk_token='<unk>', add_bos_token=True)))
     tok = AutoTokenizer.from_pretrained(src)
-    md, _ = _tokenizer_round_trip(tok, tmp_path/'model', 1000, tmp_path, PROBE)
+    md, f = _tokenizer_round_trip(tok, tmp_path/'model', 1000, tmp_path, PROBE, tie_word_embeddings=False)  # as Llama 2
+    assert 'output.weight' in [t['name'] for t in gguf_tensor_table(f)]
     sp = spm.SentencePieceProcessor(model_file=str(src/'tokenizer.model'))
+    if llama_cpp_status() is None:  # llama.cpp's own SentencePiece-style tokenizer, driven by the scores we wrote
+        assert llama_cpp_tokenize(f, PROBE) == [sp.encode(s) for s in PROBE]
     assert (md['tokenizer.ggml.model'], md['tokenizer.ggml.pre'], md['tokenizer.ggml.add_bos_token'], md['tokenizer.ggml.add_space_prefix']) == ('llama', 'default', True, True)
     assert md['tokenizer.ggml.tokens'] == [sp.IdToPiece(i) for i in range(1000)]
     assert md['tokenizer.ggml.scores'] == [sp.GetScore(i) for i in range(1000)]
     assert md['tokenizer.ggml.token_type'] == [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 1 for i in range(1000)]
+    # a tokenizer that normalizes Unicode (NFKC) has no GGUF equivalent: llama.cpp does not normalize, so it is refused
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.NFKC()
+    nfkc = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token='<s>', eos_token='</s>', unk_token='<unk>')
+    with pytest.raises(ExportError, match=r"normalizer \['NFKC'\]"): tokenizer_metadata(nfkc, 1000)
 
 
 def test_llama3_pre_tokenizer(stand_in, tmp_path):
@@ -231,6 +246,7 @@ def test_llama_cpp_runs_the_files(stand_in, f32_file, tmp_path):
     if reason: pytest.skip(reason)
     adapter, merged_dir, merged, tok = stand_in
     prompts = _prompts(tok)
+    assert llama_cpp_tokenize(f32_file, PROBE + prompts) == [tok(s)['input_ids'] for s in PROBE + prompts]
     want = transformers_greedy_ids(merged, tok, prompts, 16)
     assert llama_cpp_generate(f32_file, prompts, 16) == want
     base = export_gguf(resolve_model('tiny'), tmp_path/'base.gguf', 'f32')
