@@ -10,7 +10,7 @@ import argparse, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_merge', 'cmd_export', 'cmd_doctor', 'cmd_estimate',
+__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_merge', 'cmd_export', 'cmd_doctor', 'cmd_bench', 'cmd_estimate',
            'cmd_tensorboard', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c006
@@ -22,15 +22,19 @@ def _settings_args(p):
 
 def _cfg(a, *extra):
     from lora_nb.config import load_config
-    ov = list(a.overrides) + ([f'model.name={a.model}'] if getattr(a, 'model', None) else []) + list(extra)
+    ov = list(a.overrides) + ([f'model.name={a.model}'] if getattr(a, 'model', None) else [])
+    ov += [f'train.processes={a.processes}'] if getattr(a, 'processes', None) else []
+    ov += list(extra)
     return load_config(a.config, ov)
 
 # %% ../nbs/11_cli.ipynb #c008
 def cmd_train(a):
     "Train a LoRA adapter; prints the run folder"
+    from lora_nb.scaling import is_main_process
     from lora_nb.train import train
     cfg = _cfg(a)
     run = train(cfg, name=a.name, resume=a.resume)
+    if not is_main_process(): return  # under torchrun / accelerate launch, rank 0 reports
     m = json.loads((run/'metrics.json').read_text())
     print(f"run folder: {run}")
     print(json.dumps({k: m[k] for k in ('steps', 'final_train_loss', 'final_eval_loss', 'tokens_per_sec', 'train_seconds')}))
@@ -97,6 +101,11 @@ def cmd_doctor(a):
     print(format_findings(findings))
     if has_errors(findings): sys.exit(1)
 
+def cmd_bench(a):
+    "Time the older guides' recipe, TRL's defaults and lora_nb's path on the same data; the last line is JSON"
+    from lora_nb.bench import run_bench
+    run_bench(model=a.model, steps=a.steps, examples=a.examples, batch_size=a.batch_size, save=a.output)
+
 def cmd_estimate(a):
     "Estimate training memory from a model config (per process)"
     from lora_nb.memory import estimate_memory, format_estimate
@@ -120,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help, description=fn.__doc__); s.set_defaults(fn=fn); return s
     s = add('train', cmd_train, 'train a LoRA adapter'); _settings_args(s)
     s.add_argument('--name', help='run name (folder under runs/)'); s.add_argument('--resume', action='store_true', help='continue from the last checkpoint of --name')
+    s.add_argument('--processes', type=int, metavar='N', help='train on N processes of this machine (= --set train.processes=N)')
     s = add('eval', cmd_eval, 'evaluate a model or adapter'); _settings_args(s)
     s.add_argument('--adapter', help='LoRA adapter folder'); s.add_argument('--base', help='base model (default: the adapter\'s own base, else [model] name)')
     s.add_argument('--data', help='Alpaca-format file (default: [data] test_file)'); s.add_argument('--limit', type=int, help='first N examples only')
@@ -130,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('-m', '--message', help='one message instead of reading stdin')
     s = add('demo', cmd_demo, 'zero-shot -> train -> eval on the ticket task'); _settings_args(s)
     s.add_argument('--name', help='run name')
+    s.add_argument('--processes', type=int, metavar='N', help='train on N processes (the evaluations run in one)')
     s = add('merge', cmd_merge, 'merge an adapter into its base model')
     s.add_argument('--adapter', required=True, help='LoRA adapter folder'); s.add_argument('--output', required=True, help='new folder for the merged model')
     s.add_argument('--base', help="base model (default: the adapter's own base)")
@@ -143,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--ollama', action='store_true', help='also write an Ollama Modelfile next to the GGUF')
     s = add('doctor', cmd_doctor, 'check a config, its data and model for known pitfalls'); _settings_args(s)
     s.add_argument('--run', help='also check a finished run folder (template drift, overfitting)')
+    s = add('bench', cmd_bench, 'benchmark training recipes side by side; the last line is one JSON object')
+    s.add_argument('--model', default='smollm2-135m', help='built-in name, folder or hub id')
+    s.add_argument('--steps', type=int, default=6, help='training steps per recipe (the first 2 untimed)')
+    s.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
+    s.add_argument('--batch-size', type=int, default=4, help='examples per step')
+    s.add_argument('--output', help='also write the figures as JSON here')
     s = add('estimate', cmd_estimate, 'estimate training memory from a model config')
     s.add_argument('--model', default='smollm2-135m', help='built-in name, model folder, config.json or hub id')
     s.add_argument('--method', choices=['full', 'lora', 'qlora'], default='lora')
@@ -162,7 +179,8 @@ def _user_errors() -> tuple:
     from lora_nb.config import ConfigError
     errs = [ConfigError, FileNotFoundError, ValueError]
     for mod, name in [('lora_nb.models', 'ModelLoadError'), ('lora_nb.models', 'TargetError'), ('lora_nb.data', 'DataError'),
-                      ('lora_nb.train', 'TrainingError'), ('lora_nb.adapters', 'AdapterError'), ('lora_nb.export', 'ExportError')]:
+                      ('lora_nb.train', 'TrainingError'), ('lora_nb.adapters', 'AdapterError'), ('lora_nb.export', 'ExportError'),
+                      ('lora_nb.scaling', 'ScalingError')]:
         if mod in sys.modules and hasattr(sys.modules[mod], name): errs.append(getattr(sys.modules[mod], name))
     return tuple(errs)
 

@@ -100,6 +100,9 @@ class TrainCfg:
     seed: int
     precision: str = _opt('auto', 'bf16', 'fp16', 'fp32')
     threads: int = _opt(**_nonneg)
+    processes: int = _opt(**_pos)
+    deepspeed: str = _opt('none', 'zero2', 'zero3')
+    ddp_timeout: int = _opt(**_pos)
 
 @dataclass
 class EvalCfg:

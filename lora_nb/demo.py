@@ -6,12 +6,13 @@ Docs: https://github.com/lora-nb/lora_nb/demo.html.md"""
 
 # %% ../nbs/12_demo.ipynb #c003
 from __future__ import annotations
-import gc, json, time
+import gc, json, os, platform, time
 from pathlib import Path
 from .config import Config, load_config, project_root, atomic_write_text
+from .data import read_records
 
 # %% auto #0
-__all__ = ['sample_answers', 'run_demo']
+__all__ = ['sample_answers', 'machine_facts', 'run_demo', 'checkpoint_adapters', 'exact_match_by_step', 'save_steps_record']
 
 # %% ../nbs/12_demo.ipynb #c006
 def sample_answers(model, tok, records, cfg:Config, n:int=3) -> list[dict]:
@@ -22,14 +23,24 @@ def sample_answers(model, tok, records, cfg:Config, n:int=3) -> list[dict]:
     return [dict(input=r['input'], expected=r['output'], generated=extract_response(o)) for r, o in zip(recs, outs)]
 
 # %% ../nbs/12_demo.ipynb #c008
+def machine_facts() -> dict:
+    "Date, processor, torch threads, load average and library versions: the context of a timing"
+    import torch, transformers, peft
+    cpu = platform.processor() or platform.machine()
+    try: cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return dict(date=time.strftime('%Y-%m-%d %H:%M'), cpu=cpu, cpu_count=os.cpu_count(), gpu=gpu,
+                torch_threads=torch.get_num_threads(), load_average=[round(x, 2) for x in os.getloadavg()],
+                versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__))
+
+# %% ../nbs/12_demo.ipynb #c011
 def run_demo(cfg:Config|None=None, name:str|None=None, out=print) -> dict:
     "Zero-shot eval, LoRA training, eval again; prints progress and a before/after table, returns the numbers"
-    from lora_nb.data import read_records
     from lora_nb.infer import load_for_inference, evaluate, metrics_table
-    from lora_nb.models import trainable_report
     from lora_nb.train import train
     cfg = cfg or load_config()
-    t0 = time.time()
+    t0, facts = time.time(), machine_facts()
     test = read_records(str(project_root()/cfg.data.test_file))
     quant = ' (4-bit NF4)' if cfg.quant.load_in_4bit else ''
     out(f"== 1/3 zero-shot: {cfg.model.name}{quant} on {cfg.data.test_file}")
@@ -46,7 +57,8 @@ def run_demo(cfg:Config|None=None, name:str|None=None, out=print) -> dict:
         f"final train loss {metrics['final_train_loss']:.3f}")
     out(f"== 3/3 fine-tuned: {run/'adapter'}")
     model, tok = load_for_inference(adapter=run/'adapter', cfg=cfg)
-    out(f"   {trainable_report(model)}")
+    out(f"   adapter: {metrics['trainable_params']:,} trained parameters, "
+        f"{metrics['trainable_params'] / metrics['total_params']:.2%} of {metrics['total_params']:,}")
     after = evaluate(model, tok, test, cfg, progress=True)
     samples_after = sample_answers(model, tok, test, cfg)
     out('\n' + metrics_table({'zero-shot': before, 'fine-tuned': after}))
@@ -54,7 +66,38 @@ def run_demo(cfg:Config|None=None, name:str|None=None, out=print) -> dict:
         out(f"\nticket:     {b['input']}\nexpected:   {b['expected']}\nzero-shot:  {b['generated']}\nfine-tuned: {a['generated']}")
     result = dict(run=str(run), before=before, after=after, train=dict((k, metrics[k]) for k in
                   ('steps', 'train_seconds', 'tokens_per_sec', 'final_train_loss', 'final_eval_loss')),
-                  total_seconds=round(time.time() - t0, 1))
+                  total_seconds=round(time.time() - t0, 1), machine=facts,
+                  settings=dict(model=cfg.model.name, load_in_4bit=cfg.quant.load_in_4bit, r=cfg.lora.r, alpha=cfg.lora.alpha,
+                                dropout=cfg.lora.dropout, lr=cfg.train.lr, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size))
     atomic_write_text(run/'demo.json', json.dumps(result, indent=1))
     out(f"\ndemo finished in {result['total_seconds']:.0f} s; results in {run/'demo.json'}")
     return result
+
+# %% ../nbs/12_demo.ipynb #c015
+def checkpoint_adapters(run) -> list[tuple[int, Path]]:
+    "(step, folder) of every complete checkpoint of `run` that holds an adapter, in step order"
+    found = [(int(p.name.split('-')[-1]), p) for p in Path(run).glob('checkpoint-*')
+             if (p/'adapter_config.json').exists() and (p/'trainer_state.json').exists()]
+    return sorted(found)
+
+def exact_match_by_step(run, cfg:Config, records:list) -> list[dict]:
+    "Score each checkpoint of `run` on `records`: step, examples seen, and the `evaluate` metrics"
+    from lora_nb.infer import load_for_inference, evaluate
+    rows = []
+    for step, folder in checkpoint_adapters(run):
+        model, tok = load_for_inference(adapter=folder, cfg=cfg)
+        m = evaluate(model, tok, records, cfg)
+        rows.append(dict(step=step, examples=step * cfg.train.batch_size * cfg.train.grad_accum, **m))
+        del model; gc.collect()
+    return rows
+
+# %% ../nbs/12_demo.ipynb #c018
+def save_steps_record(run, path, cfg:Config|None=None) -> dict:
+    "Score every checkpoint of `run` on the test split and write the table, the run's settings and the machine to `path`"
+    # made with: lora-nb train --name steps --set train.max_steps=200 --set train.save_steps=40 --set train.save_total_limit=10
+    cfg = cfg or load_config()
+    test = read_records(str(project_root()/cfg.data.test_file))
+    record = dict(run=str(run), settings=(Path(run)/'config.ini').read_text(), machine=machine_facts(),
+                  rows=exact_match_by_step(run, cfg, test))
+    atomic_write_text(Path(path), json.dumps(record, indent=1))
+    return record

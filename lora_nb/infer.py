@@ -10,17 +10,25 @@ import json, time
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'SCORERS', 'generate_responses', 'extract_response', 'scorer_for', 'score_responses',
-           'evaluate', 'adapter_base_name', 'load_for_inference', 'metrics_table', 'save_metrics']
+__all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'SCORERS', 'AnswerOver', 'generate_responses', 'extract_response', 'scorer_for',
+           'score_responses', 'evaluate', 'adapter_base_name', 'load_for_inference', 'metrics_table', 'save_metrics']
 
 # %% ../nbs/06_inference.ipynb #c004
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from .config import Config, load_config, atomic_write_text
 from .data import build_prompt, read_records, score_ticket, score_summary
 from .models import load_base_from
 
 # %% ../nbs/06_inference.ipynb #c007
 STOP_STRINGS = ['\n### ', '\n\n']  # where an Alpaca-format answer is over, if the model does not emit EOS
+
+class AnswerOver(StoppingCriteria):
+    "Stop each row once its generated text, leading whitespace aside, holds one of `STOP_STRINGS`"
+    def __init__(self, tok, prompt_len:int): self.tok, self.prompt_len = tok, prompt_len
+    def __call__(self, input_ids, scores, **kw):
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([any(m in t.lstrip() for m in STOP_STRINGS) for t in texts], device=input_ids.device)
 
 @torch.no_grad()
 def generate_responses(model, tok, records, template:str='alpaca', max_new_tokens:int=48, batch_size:int=16,
@@ -41,13 +49,13 @@ def generate_responses(model, tok, records, template:str='alpaca', max_new_token
             idx = order[s:s + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors='pt', padding=True, add_special_tokens=False).to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, stop_strings=STOP_STRINGS, tokenizer=tok, **sample)
+                                 eos_token_id=tok.eos_token_id, stopping_criteria=StoppingCriteriaList([AnswerOver(tok, enc['input_ids'].shape[1])]), **sample)
             for i, row in zip(idx, gen[:, enc['input_ids'].shape[1]:]):
                 out[i] = tok.decode(row, skip_special_tokens=True)
     finally: tok.padding_side = side
     return out
 
-# %% ../nbs/06_inference.ipynb #c009
+# %% ../nbs/06_inference.ipynb #c011
 STOP_MARKERS = (*STOP_STRINGS, '<|im_end|>', '<|im_start|>')
 
 def extract_response(text:str) -> str:
@@ -56,7 +64,7 @@ def extract_response(text:str) -> str:
     cut = min([i for i in (text.find(m) for m in STOP_MARKERS) if i >= 0], default=len(text))
     return text[:cut].strip()
 
-# %% ../nbs/06_inference.ipynb #c012
+# %% ../nbs/06_inference.ipynb #c014
 SCORERS = {'tickets': score_ticket, 'summary': score_summary}
 
 def scorer_for(task:str):
@@ -71,7 +79,7 @@ def score_responses(responses, records, task:str='tickets') -> dict:
     if not rows: raise ValueError("no examples to score")
     return {'n': len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}}
 
-# %% ../nbs/06_inference.ipynb #c015
+# %% ../nbs/06_inference.ipynb #c017
 def evaluate(model, tok, records, cfg:Config, task:str|None=None, progress:bool=False) -> dict:
     "Generate for `records` with the `[eval]` settings and score them; adds `seconds`"
     e = cfg.eval
@@ -82,7 +90,7 @@ def evaluate(model, tok, records, cfg:Config, task:str|None=None, progress:bool=
     m = score_responses(responses, records, task or cfg.data.task)
     return {**m, 'seconds': round(time.time() - t0, 1)}
 
-# %% ../nbs/06_inference.ipynb #c017
+# %% ../nbs/06_inference.ipynb #c019
 def adapter_base_name(adapter_dir) -> str:
     "The base model an adapter was trained on, from its adapter_config.json"
     p = Path(adapter_dir)/'adapter_config.json'
@@ -104,7 +112,7 @@ def load_for_inference(base:str|None=None, adapter=None, cfg:Config|None=None):
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval(), tok
 
-# %% ../nbs/06_inference.ipynb #c019
+# %% ../nbs/06_inference.ipynb #c021
 def metrics_table(columns:dict) -> str:
     "A text table: one row per metric, one column per named metrics dict"
     names = list(columns)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, TrainerCallback
 from .models import load_base_from, attach_lora_from, trainable_report, pick_device, build_atomically, preset_for
 from .data import read_records, split_records, validate_records, tokenize_example, collate_padding_free, collate_padded
+from .scaling import (processes_asked, is_main_process, check_launch, launch_training, prepare_distributed, check_world,
+                             sum_over_ranks, check_ranks_agree, gathered_adapter_state, wait_for_all)
 
 # %% ../nbs/03_training.ipynb #c007
 def pick_precision(precision:str='auto', device:str='auto') -> str:
@@ -84,13 +86,16 @@ class LoraTrainer(Trainer):
     def log(self, logs, *args, **kw):
         if 'loss' in logs and self._t0 is not None:
             dt = time.perf_counter() - self._t0
-            logs['tokens_per_sec'] = round(self._tokens / dt, 1) if dt > 0 else 0.0
-            logs['supervised_tokens'] = self._sup
+            tokens, sup = sum_over_ranks(self.accelerator, self._tokens, self._sup)  # every process logs at the same steps
+            logs['tokens_per_sec'] = round(tokens / dt, 1) if dt > 0 else 0.0
+            logs['supervised_tokens'] = sup
             self._tokens = self._sup = 0
         self._t0 = None  # the next interval starts at the next training step: eval and saves are not counted
         super().log(logs, *args, **kw)
 
     def _save(self, output_dir=None, state_dict=None):
+        if not self.args.should_save: return  # rank 0 writes; the Trainer gathered any sharded state before this call
+        output_dir = output_dir or self.args.output_dir
         # The embeddings are never trained here, so skip PEFT's lookup of the base model's config on the hub
         # (which only warns when offline) by saving without embedding layers.
         self.model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
@@ -98,10 +103,12 @@ class LoraTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         out = Path(self.args.output_dir); staging = out/'.staging'
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save: shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = str(staging)
         try: super()._save_checkpoint(model, trial)
         finally: self.args.output_dir = str(out)
+        self.accelerator.wait_for_everyone()  # every process wrote its part (its RNG state, its DeepSpeed shards)
         name = f'checkpoint-{self.state.global_step}'
         if self.args.should_save:
             shutil.rmtree(out/name, ignore_errors=True)
@@ -132,7 +139,7 @@ def training_args(cfg:Config, run_dir:Path, precision:str|None=None) -> Training
         save_total_limit=t.save_total_limit or None, seed=t.seed, data_seed=t.seed,
         bf16=precision == 'bf16', fp16=precision == 'fp16', use_cpu=on_cpu,
         report_to='none', remove_unused_columns=False, label_names=['labels'], prediction_loss_only=True,
-        dataloader_num_workers=0, disable_tqdm=False, save_only_model=False)
+        dataloader_num_workers=0, disable_tqdm=False, save_only_model=False, **prepare_distributed(cfg))
 
 # %% ../nbs/03_training.ipynb #c022
 class LivePlot(TrainerCallback):
@@ -198,7 +205,7 @@ def apply_preset(cfg:Config, n_examples:int) -> Config:
     return cfg
 
 # %% ../nbs/03_training.ipynb #c030
-def _metrics(trainer, rep, run_dir, seconds, n_train, resumed_from=None) -> dict:
+def _metrics(trainer, rep, run_dir, seconds, n_train, resumed_from=None, world:dict|None=None) -> dict:
     hist = trainer.state.log_history
     train_logs = [h for h in hist if 'loss' in h]; evals = [h for h in hist if 'eval_loss' in h]
     tps = [h['tokens_per_sec'] for h in train_logs if 'tokens_per_sec' in h]
@@ -207,15 +214,17 @@ def _metrics(trainer, rep, run_dir, seconds, n_train, resumed_from=None) -> dict
                 final_eval_loss=evals[-1]['eval_loss'] if evals else None,
                 tokens_per_sec=round(sum(tps) / len(tps), 1) if tps else None,
                 trainable_params=rep.trainable, total_params=rep.total,
-                world_size=trainer.args.world_size, distributed=str(trainer.accelerator.distributed_type),
-                resumed_from=resumed_from, log_history=hist)
+                **(world or dict(world_size=1, distributed='one process')), resumed_from=resumed_from, log_history=hist)
 
 def train(cfg:Config, name:str|None=None, resume:bool=False, callbacks=(), plot:bool|None=None) -> Path:
     "Fine-tune a LoRA adapter as `cfg` says; returns the run folder"
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
+    if cfg.train.processes > 1 and processes_asked() == 1:  # start the processes; each of them runs this function
+        return launch_training(cfg, name, resume, cfg.train.processes)
+    check_launch(cfg, name)  # refuses launches that would silently train otherwise than asked
     if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
-    run_dir = run_folder(cfg, name)
+    run_dir, main = run_folder(cfg, name), is_main_process()
     if run_dir.exists() and not resume and any(run_dir.glob('checkpoint-*')):
         raise TrainingError(f"{run_dir} already holds checkpoints: pass resume=True (--resume) or another name")
     model, tok = load_base_from(cfg)
@@ -224,22 +233,27 @@ def train(cfg:Config, name:str|None=None, resume:bool=False, callbacks=(), plot:
     model = attach_lora_from(model, cfg)
     args = training_args(cfg, run_dir)
     collate = collate_padding_free if cfg.data.batching == 'padding_free' else (lambda b: collate_padded(b, tok.pad_token_id, 8))
-    cbs = [TensorBoardCallback(SummaryWriter(str(run_dir/'tb'))), *callbacks]
-    if plot if plot is not None else in_notebook(): cbs.append(LivePlot())
+    cbs = [*([TensorBoardCallback(SummaryWriter(str(run_dir/'tb')))] if main else []), *callbacks]
+    if main and (plot if plot is not None else in_notebook()): cbs.append(LivePlot())
     trainer = LoraTrainer(model=model, args=args, train_dataset=train_ex, eval_dataset=val_ex or None,
                           data_collator=collate, callbacks=cbs)
-    if args.should_save: save_config(cfg, run_dir/'config.ini')
     ckpt = last_checkpoint(run_dir) if resume else None
+    world = check_world(trainer, cfg, ckpt)  # the processes and mode asked for, or stop; prints the mode
+    if args.should_save: save_config(cfg, run_dir/'config.ini')
     t0 = time.time()
     try: trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except Exception as e:
         if _is_oom(e): raise TrainingError(oom_advice(cfg)) from e
         raise
+    world['rank_weight_max_diff'] = check_ranks_agree(trainer)
+    state = gathered_adapter_state(trainer)  # the whole adapter when each process holds a shard (ZeRO-3)
     if args.should_save:
-        build_atomically(run_dir/'adapter.tmp-final', lambda tmp: (model.save_pretrained(tmp, save_embedding_layers=False), tok.save_pretrained(tmp)))
+        save = lambda tmp: (model.save_pretrained(tmp, state_dict=state, save_embedding_layers=False), tok.save_pretrained(tmp))
+        build_atomically(run_dir/'adapter.tmp-final', save)
         shutil.rmtree(run_dir/'adapter', ignore_errors=True); os.replace(run_dir/'adapter.tmp-final', run_dir/'adapter')
-        m = _metrics(trainer, trainable_report(model), run_dir, time.time() - t0, len(train_ex), ckpt and ckpt.name)
+        m = _metrics(trainer, trainable_report(model), run_dir, time.time() - t0, len(train_ex), ckpt and ckpt.name, world)
         atomic_write_text(run_dir/'metrics.json', json.dumps(m, indent=1))
+    wait_for_all()  # no process returns before rank 0 has written the run folder
     return run_dir
 
 # %% ../nbs/03_training.ipynb #c037

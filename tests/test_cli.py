@@ -62,7 +62,7 @@ def test_errors_are_one_line(args, code, message):
     assert message in err and 'Traceback' not in err, err[-3000:]
 
 
-@pytest.mark.parametrize('cmd', ['train', 'eval', 'chat', 'demo', 'merge', 'export', 'estimate', 'doctor', 'tensorboard'])
+@pytest.mark.parametrize('cmd', ['train', 'eval', 'chat', 'demo', 'merge', 'export', 'bench', 'estimate', 'doctor', 'tensorboard'])
 def test_every_subcommand_has_help(cmd):
     code, out, err = run(cmd, '--help')
     assert code == 0 and 'usage: lora-nb' in out
@@ -80,3 +80,25 @@ def test_doctor_clean_and_faulty():
     assert code == 0, out + err[-2000:]
     code, out, err = run('doctor', '--set', 'lora.target_modules=q_proj,qkv')
     assert code == 1 and 'qkv' in out + err, out + err[-2000:]
+
+
+@pytest.mark.parametrize('extra', [(), ('--set', 'quant.load_in_4bit=true')], ids=['lora', 'qlora'])
+def test_demo_before_after(extra, tmp_path):
+    "`lora-nb demo` (the tiny model in the fast profile): zero-shot, training, the table, demo.json; also in 4-bit"
+    code, out, err = run('demo', '--set', f'train.output_dir={tmp_path}', '--set', 'eval.limit=4', *extra)
+    assert code == 0, err[-3000:]
+    assert '== 1/3 zero-shot' in out and '== 3/3 fine-tuned' in out and 'demo finished in' in out.splitlines()[-1]
+    result = json.loads(next(tmp_path.glob('*/demo.json')).read_text())
+    assert result['before']['n'] == result['after']['n'] == 4
+    assert result['settings']['load_in_4bit'] == bool(extra) and result['machine']['torch_threads'] >= 1
+    assert ('4-bit NF4' in out) == bool(extra)
+
+
+def test_bench_smoke(tmp_path):
+    "`lora-nb bench` on the tiny model: every recipe runs and the last line is the JSON summary (no timing asserted)"
+    code, out, err = run('bench', '--model', 'tiny', '--steps', 2, '--examples', 8, '--batch-size', 2, '--output', tmp_path/'b.json')
+    assert code == 0, err[-3000:]
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last == json.loads((tmp_path/'b.json').read_text())
+    assert sorted(last['recipes']) == ['lora_nb', 'qlora', 'seed', 'trl']
+    assert all(last[k] is not None for k in ('speedup_vs_seed_recipe', 'speedup_vs_trl_default', 'roofline_fraction', 'qlora_to_lora_memory'))
