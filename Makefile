@@ -32,8 +32,8 @@ test: install
 
 # real-model checks: notebook cells marked `#| slow` and pytest tests marked slow
 test-slow: install
-	$(BIN)/nbdev-test --flags slow --n-workers 1 --skip-file-re '^09_scaling'
-	$(BIN)/nbdev-test --flags slow --n-workers 1 --file-re '^09_scaling'
+	$(BIN)/nbdev-test --flags slow --n-workers 1 --cell-timeout 3600 --skip-file-re '^09_scaling'
+	$(BIN)/nbdev-test --flags slow --n-workers 1 --cell-timeout 3600 --file-re '^09_scaling'
 	$(BIN)/pytest -q -m slow tests
 
 # The venv's own JupyterLab (its python3 kernel is the venv, so `import lora_nb` works); loopback only.
