@@ -6,7 +6,7 @@ Docs: https://github.com/lora-nb/lora_nb/demo.html.md"""
 
 # %% ../nbs/12_demo.ipynb #c003
 from __future__ import annotations
-import gc, json, os, platform, time
+import gc, json, os, time
 from pathlib import Path
 from .config import Config, load_config, project_root, atomic_write_text
 from .data import read_records
@@ -26,11 +26,9 @@ def sample_answers(model, tok, records, cfg:Config, n:int=3) -> list[dict]:
 def machine_facts() -> dict:
     "Date, processor, torch threads, load average and library versions: the context of a timing"
     import torch, transformers, peft
-    cpu = platform.processor() or platform.machine()
-    try: cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): pass
+    from lora_nb.bench import cpu_name  # the performance chapter's reading of /proc/cpuinfo
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return dict(date=time.strftime('%Y-%m-%d %H:%M'), cpu=cpu, cpu_count=os.cpu_count(), gpu=gpu,
+    return dict(date=time.strftime('%Y-%m-%d %H:%M'), cpu=cpu_name(), cpu_count=os.cpu_count(), gpu=gpu,
                 torch_threads=torch.get_num_threads(), load_average=[round(x, 2) for x in os.getloadavg()],
                 versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__))
 
