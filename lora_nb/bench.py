@@ -11,14 +11,14 @@ from functools import partial
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'LEVERS', 'matmul_peak', 'matmul_params',
-           'lora_roofline', 'StepClock', 'CountingCollator', 'answer_eval_loss', 'bench_config', 'seed_recipe_trainer',
-           'trl_sft_config', 'trl_trainer', 'lora_nb_trainer', 'measure_recipe', 'cpu_name', 'machine_info',
-           'summarize_bench', 'format_bench', 'run_bench', 'full_logits_loss', 'time_training_steps', 'lever_batches',
-           'measure_levers', 'run_levers']
+__all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'RECIPE_OVERRIDES', 'LEVERS', 'DEFAULT_LEVER',
+           'matmul_peak', 'matmul_params', 'lora_roofline', 'StepClock', 'CountingCollator', 'answer_eval_loss',
+           'bench_config', 'seed_recipe_trainer', 'trl_sft_config', 'trl_trainer', 'lora_nb_trainer', 'measure_recipe',
+           'cpu_name', 'machine_info', 'summarize_bench', 'format_bench', 'run_bench', 'full_logits_loss',
+           'time_training_steps', 'lever_batches', 'measure_levers', 'run_levers']
 
 # %% ../nbs/08_performance.ipynb #c004
-from .models import pick_device  # before transformers: it quiets a bitsandbytes notice that importing transformers triggers
+from .models import pick_device, release_free_memory  # before transformers: it quiets a bitsandbytes notice that importing transformers triggers
 from transformers import TrainerCallback
 from .config import load_config, atomic_write_text, project_root
 from .memory import _reset_rss_peak
@@ -92,12 +92,19 @@ def answer_eval_loss(model, examples:list, pad_token_id:int, batch_size:int=8) -
     from lora_nb.train import answer_loss
     was_training, dev = model.training, next(model.parameters()).device
     model.eval(); total, n = 0.0, 0
-    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-        for i in range(0, len(examples), batch_size):
-            b = {k: v.to(dev) for k, v in collate_padded(examples[i:i + batch_size], pad_token_id).items()}
-            total += float(answer_loss(model, b, num_items=1))  # a sum over the supervised tokens
-            n += int((b['labels'][:, 1:] != -100).sum())
-    model.train(was_training)
+    # a bf16 base is evaluated in fp32 too (bf16 -> fp32 -> bf16 is exact, so training is unaffected): the loss
+    # then compares what the recipes learned, not the arithmetic of the evaluation
+    half = [(p, p.dtype) for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+    for p, _ in half: p.data = p.data.float()
+    try:
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+            for i in range(0, len(examples), batch_size):
+                b = {k: v.to(dev) for k, v in collate_padded(examples[i:i + batch_size], pad_token_id).items()}
+                total += float(answer_loss(model, b, num_items=1))  # a sum over the supervised tokens
+                n += int((b['labels'][:, 1:] != -100).sum())
+    finally:
+        for p, dt in half: p.data = p.data.to(dt)
+        model.train(was_training)
     return total / n
 
 # %% ../nbs/08_performance.ipynb #c025
@@ -165,9 +172,18 @@ def lora_nb_trainer(model, tok, records, cfg, out_dir):
     collate = collate_padding_free if cfg.data.batching == 'padding_free' else partial(collate_padded, pad_token_id=tok.pad_token_id, pad_to_multiple_of=8)
     return LoraTrainer(model=model, args=args, train_dataset=ex, data_collator=collate)
 
-RECIPE_TRAINERS = {'seed': seed_recipe_trainer, 'trl': trl_trainer, 'lora_nb': lora_nb_trainer, 'qlora': lora_nb_trainer}
+RECIPE_TRAINERS = {'seed': seed_recipe_trainer, 'trl': trl_trainer, 'lora_nb': lora_nb_trainer,
+                   'lora_fp32': lora_nb_trainer, 'qlora': lora_nb_trainer, 'qlora_no_gc': lora_nb_trainer}
 RECIPE_TITLES = {'seed': "older guides' recipe", 'trl': 'TRL SFTTrainer defaults', 'lora_nb': 'lora_nb default',
-                 'qlora': 'lora_nb default, 4-bit base (QLoRA)'}
+                 'lora_fp32': 'lora_nb, fp32 base weights', 'qlora': 'QLoRA: 4-bit base + checkpointing',
+                 'qlora_no_gc': 'QLoRA without checkpointing'}
+# what a recipe changes in the settings, on top of the bench's own: the older recipe and TRL load the base in fp32,
+# as their guides do; 'lora_fp32' is lora_nb's path on an fp32 base (the fp32 LoRA that QLoRA's memory is compared
+# with). QLoRA as its paper and PEFT's k-bit preparation run it: 4-bit NF4 base and gradient checkpointing; and
+# the 4-bit base alone, to show what each of the two saves.
+RECIPE_OVERRIDES = {'seed': ['model.dtype=float32'], 'trl': ['model.dtype=float32'], 'lora_fp32': ['model.dtype=float32'],
+                    'qlora': ['quant.load_in_4bit=true', 'model.gradient_checkpointing=true'],
+                    'qlora_no_gc': ['quant.load_in_4bit=true']}
 
 # %% ../nbs/08_performance.ipynb #c042
 def _proc_status_bytes(key:str) -> int|None:
@@ -190,7 +206,7 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
     from lora_nb.models import load_base_from, attach_lora_from, load_tokenizer, pick_device
     import torch, transformers, peft, trl, datasets, bitsandbytes  # imported before the baseline: not the recipe's memory
     transformers.logging.set_verbosity_error(); datasets.disable_progress_bars()
-    cfg = bench_config(model, steps, batch_size, overrides)
+    cfg = bench_config(model, steps, batch_size, [*RECIPE_OVERRIDES.get(recipe, []), *overrides])
     if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
     dev = pick_device(cfg.model.device)
     tok = load_tokenizer(model)
@@ -199,7 +215,7 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
               for r in read_records(str(project_root()/cfg.data.val_file))[:examples]]
     gc.collect()
     baseline = 0 if dev == 'cuda' else _proc_status_bytes('VmRSS')
-    m, tok = load_base_from(cfg, load_in_4bit=recipe == 'qlora')
+    m, tok = load_base_from(cfg)
     params, weight_bytes = matmul_params(m), m.get_memory_footprint()
     m = attach_lora_from(m, cfg)
     eval_before = answer_eval_loss(m, val_ex, tok.pad_token_id) if recipe == 'lora_nb' else None
@@ -207,7 +223,7 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
         trainer = RECIPE_TRAINERS[recipe](m, tok, train_recs, cfg, out_dir)
         counter = CountingCollator(trainer.data_collator); trainer.data_collator = counter
         clock = StepClock(); trainer.add_callback(clock)
-        gc.collect()
+        release_free_memory()  # what the eval before training freed is not the recipe's
         if dev == 'cuda': torch.cuda.reset_peak_memory_stats()
         else: _reset_peak_rss()
         trainer.train()
@@ -226,10 +242,13 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
                 train_loss=[h['loss'] for h in trainer.state.log_history if 'loss' in h],
                 eval_loss=answer_eval_loss(m, val_ex, tok.pad_token_id), eval_loss_before=eval_before,
                 memory_bytes=peak - baseline, peak_bytes=peak, baseline_bytes=baseline, weight_bytes=weight_bytes,
-                device=dev, threads=torch.get_num_threads(), matmul_params=params, settings=_settings_of(trainer))
+                device=dev, threads=torch.get_num_threads(), matmul_params=params, settings=_settings_of(trainer),
+                base_dtype=str(next(p.dtype for n, p in m.named_parameters() if 'embed' in n)).replace('torch.', ''),
+                load_in_4bit=cfg.quant.load_in_4bit, model_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                attn_implementation=m.config._attn_implementation)
 
 # %% ../nbs/08_performance.ipynb #c043
-def measure_recipe(recipe:str, # one of `RECIPE_TRAINERS`: 'seed', 'trl', 'lora_nb', 'qlora'
+def measure_recipe(recipe:str, # one of `RECIPE_TRAINERS`: 'seed', 'trl', 'lora_nb', 'lora_fp32', 'qlora', 'qlora_no_gc'
                    model:str='smollm2-135m', steps:int=6, examples:int=64, batch_size:int=4,
                    warmup:int=2, overrides=(), timeout:float=3600) -> dict:
     "Train and measure one recipe in a fresh Python process"
@@ -265,7 +284,7 @@ def _ratio(a, b): return None if a is None or b is None or not b else a / b
 def summarize_bench(results:dict, peaks:dict, **context) -> dict:
     "The figures of a bench: speedups, roofline fraction, QLoRA memory ratio, next to every recipe's measurements"
     get = lambda r, k: results[r][k] if r in results else None
-    ours = results.get('lora_nb')
+    ours, fp32 = results.get('lora_nb'), 'lora_fp32' if 'lora_fp32' in results else 'lora_nb'
     s = dict(**context, matmul_gflops=peaks, recipes=results,
              tokens_per_sec={r: v['tokens_per_sec'] for r, v in results.items()},
              supervised_tokens_per_sec={r: v['supervised_tokens_per_sec'] for r, v in results.items()},
@@ -277,8 +296,12 @@ def summarize_bench(results:dict, peaks:dict, **context) -> dict:
              supervised_speedup_vs_seed_recipe=_ratio(get('lora_nb', 'supervised_tokens_per_sec'), get('seed', 'supervised_tokens_per_sec')),
              speedup_vs_seed_recipe_cpu=_ratio(get('lora_nb', 'tokens_per_cpu_sec'), get('seed', 'tokens_per_cpu_sec')),
              speedup_vs_trl_default_cpu=_ratio(get('lora_nb', 'tokens_per_cpu_sec'), get('trl', 'tokens_per_cpu_sec')),
-             qlora_to_lora_memory=_ratio(get('qlora', 'memory_bytes'), get('lora_nb', 'memory_bytes')),
-             qlora_to_lora_weights=_ratio(get('qlora', 'weight_bytes'), get('lora_nb', 'weight_bytes')))
+             # QLoRA against fp32 LoRA (the 'lora_fp32' recipe; lora_nb itself when that one was not run)
+             qlora_to_lora_memory=_ratio(get('qlora', 'memory_bytes'), get(fp32, 'memory_bytes')),
+             qlora_to_lora_weights=_ratio(get('qlora', 'weight_bytes'), get(fp32, 'weight_bytes')),
+             qlora_to_bf16_lora_memory=_ratio(get('qlora', 'memory_bytes'), get('lora_nb', 'memory_bytes')),
+             bf16_to_fp32_lora_memory=_ratio(get('lora_nb', 'memory_bytes'), get('lora_fp32', 'memory_bytes')),
+             qlora_no_gc_to_lora_memory=_ratio(get('qlora_no_gc', 'memory_bytes'), get(fp32, 'memory_bytes')))
     if ours:
         precision = 'bf16' if ours['settings']['bf16'] else 'fp32'
         frac = ours['supervised_per_step'] / ours['tokens_per_step']
@@ -319,20 +342,27 @@ def format_bench(s:dict) -> str:
                          f"{s['roofline_fraction_cpu']:.0%} of the roofline")
     if s['qlora_to_lora_memory'] is not None:
         lines.append(f"QLoRA / fp32 LoRA: peak memory {s['qlora_to_lora_memory']:.0%}, weights {s['qlora_to_lora_weights']:.0%}")
+    if s.get('qlora_no_gc_to_lora_memory') is not None:
+        lines.append(f"QLoRA without checkpointing / fp32 LoRA: peak memory {s['qlora_no_gc_to_lora_memory']:.0%}")
+    if s.get('bf16_to_fp32_lora_memory') is not None:
+        lines.append(f"lora_nb (bf16 base) / fp32 LoRA: peak memory {s['bf16_to_fp32_lora_memory']:.0%}; "
+                     f"QLoRA / lora_nb: {s['qlora_to_bf16_lora_memory']:.0%}")
     return '\n'.join(lines)
 
 # %% ../nbs/08_performance.ipynb #c050
 def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
               steps:int=6, # training steps per recipe (each of `batch_size` examples), the first `warmup` untimed
               examples:int=64, # validation examples for the eval loss
-              batch_size:int=4, warmup:int=2,
-              recipes=tuple(RECIPE_TRAINERS), # any of 'seed', 'trl', 'lora_nb', 'qlora'
+              batch_size:int|None=None, # examples per step; None: settings.ini's [train] batch_size, as lora_nb trains
+              warmup:int=2,
+              recipes=tuple(RECIPE_TRAINERS), # any of 'seed', 'trl', 'lora_nb', 'lora_fp32', 'qlora', 'qlora_no_gc'
               overrides=(), # settings for every recipe, e.g. ['train.threads=1']
               save:str|None=None, # also write the summary as JSON to this file
               out=print) -> dict:
     "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
     from lora_nb.models import pick_device
     import torch, transformers, peft, trl
+    batch_size = batch_size or load_config(overrides=overrides).train.batch_size
     cfg = bench_config(model, steps, batch_size, overrides)
     dev, threads = pick_device(cfg.model.device), cfg.train.threads or torch.get_num_threads()
     warmup, load_before, t_start = min(warmup, steps - 1), os.getloadavg()[0], time.time()
@@ -362,20 +392,24 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
     return s
 
 # %% ../nbs/08_performance.ipynb #c064
+_OLD = dict(base_dtype='float32', attn='sdpa')  # the base as the older recipe loads it
+_DEFAULT = dict(precision='bf16', batching='padding_free', head='answer', base_dtype='bfloat16', attn='packed_sdpa')
 LEVERS = [  # (name, settings): from the older recipe's compute to lora_nb's default one change at a time, then single changes to the default
-    ('fp32, pad to 512, full logits', dict(precision='fp32', batching='pad', head='full')),
-    ('bf16 autocast', dict(precision='bf16', batching='pad', head='full')),
-    ('dynamic padding', dict(precision='bf16', batching='dynamic', head='full')),
-    ('padding-free', dict(precision='bf16', batching='padding_free', head='full')),
-    ('answer-only LM head (lora_nb default)', dict(precision='bf16', batching='padding_free', head='answer')),
-    ('default, length-grouped padding', dict(precision='bf16', batching='grouped', head='answer')),
-    ('default + gradient checkpointing', dict(precision='bf16', batching='padding_free', head='answer', checkpointing=True)),
-    ('default + torch.compile', dict(precision='bf16', batching='padding_free', head='answer', compile=True)),
-    ('default, 1 thread', dict(precision='bf16', batching='padding_free', head='answer', threads=1)),
-    ('default, 2 threads', dict(precision='bf16', batching='padding_free', head='answer', threads=2)),
-    ('default, bf16 base weights', dict(precision='bf16', batching='padding_free', head='answer', base_dtype='bfloat16')),
-    ('default, LoRA dropout 0.05', dict(precision='bf16', batching='padding_free', head='answer', dropout=0.05)),
+    ('fp32, pad to 512, full logits', dict(precision='fp32', batching='pad', head='full', **_OLD)),
+    ('bf16 autocast', dict(precision='bf16', batching='pad', head='full', **_OLD)),
+    ('dynamic padding', dict(precision='bf16', batching='dynamic', head='full', **_OLD)),
+    ('padding-free', dict(precision='bf16', batching='padding_free', head='full', **_OLD)),
+    ('answer-only LM head', dict(precision='bf16', batching='padding_free', head='answer', **_OLD)),
+    ('bf16 base weights', dict(precision='bf16', batching='padding_free', head='answer', base_dtype='bfloat16', attn='sdpa')),
+    ('packed attention (lora_nb default)', _DEFAULT),
+    ('default, length-grouped padding', {**_DEFAULT, 'batching': 'grouped'}),
+    ('default + gradient checkpointing', {**_DEFAULT, 'checkpointing': True}),
+    ('default + torch.compile', {**_DEFAULT, 'compile': True}),
+    ('default, 1 thread', {**_DEFAULT, 'threads': 1}),
+    ('default, 2 threads', {**_DEFAULT, 'threads': 2}),
+    ('default, LoRA dropout 0.05', {**_DEFAULT, 'dropout': 0.05}),
 ]
+DEFAULT_LEVER = 'packed attention (lora_nb default)'
 
 def full_logits_loss(model, batch:dict):
     "The model's own loss: logits at every position, cross-entropy where labels != -100"
@@ -427,10 +461,10 @@ def measure_levers(model:str='smollm2-135m', steps:int=2, warmup:int=1, batch_si
     models, rows, before = {}, [], torch.get_num_threads()
     threads = threads or before
     for name, s in levers:
-        key = (s.get('base_dtype', cfg.model.dtype), s.get('dropout', l.dropout))
+        key = (s.get('base_dtype', 'float32'), s.get('dropout', l.dropout), s.get('attn', 'sdpa'))
         if key not in models:
             models.clear(); gc.collect()
-            base, tok = load_base(model, dtype=key[0])
+            base, tok = load_base(model, dtype=key[0], attn_implementation=key[2])
             models[key] = attach_lora(base, seed=cfg.train.seed, r=l.r, alpha=l.alpha, dropout=key[1], target_modules=l.target_modules)
         m = models[key]
         ex = [tokenize_example(r, tok, cfg.data.template, cfg.data.max_length) for r in recs]

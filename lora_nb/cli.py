@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--model', default='smollm2-135m', help='built-in name, folder or hub id')
     s.add_argument('--steps', type=int, default=6, help='training steps per recipe (the first 2 untimed)')
     s.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
-    s.add_argument('--batch-size', type=int, default=4, help='examples per step')
+    s.add_argument('--batch-size', type=int, default=None, help='examples per step (default: settings.ini [train] batch_size)')
     s.add_argument('--output', help='also write the figures as JSON here')
     s = add('estimate', cmd_estimate, 'estimate training memory from a model config')
     s.add_argument('--model', default='smollm2-135m', help='built-in name, model folder, config.json or hub id')

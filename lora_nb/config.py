@@ -42,9 +42,9 @@ _frac = dict(check=lambda v: 0 <= v < 1, why='must be in [0, 1)')
 class ModelCfg:
     "Which base model to load and how"
     name: str
-    dtype: str = _opt('float32', 'bfloat16', 'float16')
+    dtype: str = _opt('auto', 'float32', 'bfloat16', 'float16')
     device: str = _opt('auto', 'cpu', 'cuda')
-    attn_implementation: str = _opt('sdpa', 'eager')
+    attn_implementation: str = _opt('packed_sdpa', 'sdpa', 'eager')
     gradient_checkpointing: bool
 
 @dataclass

@@ -10,6 +10,7 @@ import gc, json, os, time
 from pathlib import Path
 from .config import Config, load_config, project_root, atomic_write_text
 from .data import read_records
+from .models import resolve_dtype
 
 # %% auto #0
 __all__ = ['sample_answers', 'machine_facts', 'run_demo', 'checkpoint_adapters', 'exact_match_by_step', 'save_steps_record']
@@ -65,7 +66,8 @@ def run_demo(cfg:Config|None=None, name:str|None=None, out=print) -> dict:
     result = dict(run=str(run), before=before, after=after, train=dict((k, metrics[k]) for k in
                   ('steps', 'train_seconds', 'tokens_per_sec', 'final_train_loss', 'final_eval_loss')),
                   total_seconds=round(time.time() - t0, 1), machine=facts,
-                  settings=dict(model=cfg.model.name, load_in_4bit=cfg.quant.load_in_4bit, r=cfg.lora.r, alpha=cfg.lora.alpha,
+                  settings=dict(model=cfg.model.name, dtype=cfg.model.dtype, base_dtype=resolve_dtype(cfg.model.dtype, cfg.train.precision, cfg.model.device),
+                                attn_implementation=cfg.model.attn_implementation, load_in_4bit=cfg.quant.load_in_4bit, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                 dropout=cfg.lora.dropout, lr=cfg.train.lr, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size))
     atomic_write_text(run/'demo.json', json.dumps(result, indent=1))
     out(f"\ndemo finished in {result['total_seconds']:.0f} s; results in {run/'demo.json'}")

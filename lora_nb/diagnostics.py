@@ -293,10 +293,11 @@ def check_template(cfg, tokenizer=None, run=None) -> list[Finding]:
 def estimate_for_config(cfg, stats:dict|None=None):
     "`lora_nb.memory.estimate_memory` for the largest batch of the run `cfg` describes (`stats`: `token_stats` of its data)"
     from lora_nb.memory import estimate_memory
-    from lora_nb.models import pick_device
+    from lora_nb.models import pick_device, resolve_dtype
     from lora_nb.train import pick_precision
     prec = pick_precision(cfg.train.precision, cfg.model.device)
-    dtype = 'fp32' if prec == 'fp32' else ('bf16' if cfg.model.dtype != 'float32' else 'bf16-mixed')
+    stored = resolve_dtype(cfg.model.dtype, cfg.train.precision, cfg.model.device)
+    dtype = 'fp32' if prec == 'fp32' else ('bf16' if stored != 'float32' else 'bf16-mixed')
     B, L = cfg.train.batch_size, cfg.data.max_length
     shape = dict(seq=L, batch=B, logit_tokens=None)  # without data: every example max_length long, logits everywhere
     if stats:

@@ -18,7 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from .config import Config, load_config, atomic_write_text
 from .data import build_prompt, read_records, score_ticket, score_summary
-from .models import load_base_from
+from .models import load_base_from, resolve_dtype
 
 # %% ../nbs/06_inference.ipynb #c007
 STOP_STRINGS = ['\n### ', '\n\n']  # where an Alpaca-format answer is over, if the model does not emit EOS
@@ -105,7 +105,7 @@ def load_for_inference(base:str|None=None, adapter=None, cfg:Config|None=None):
     base = base or (adapter_base_name(adapter) if adapter is not None else cfg.model.name)
     from lora_nb.train import pick_precision
     # bf16 weights when training ran in bf16 (no per-step casts as under autocast); 4-bit settings as in training
-    dtype = 'bfloat16' if pick_precision(cfg.train.precision, cfg.model.device) == 'bf16' else cfg.model.dtype
+    dtype = 'bfloat16' if pick_precision(cfg.train.precision, cfg.model.device) == 'bf16' else resolve_dtype(cfg.model.dtype, 'fp32')
     model, tok = load_base_from(cfg, name=base, dtype=dtype, training=False)
     if adapter is not None:
         from peft import PeftModel

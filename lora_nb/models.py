@@ -6,15 +6,16 @@ Docs: https://github.com/lora-nb/lora_nb/models.html.md"""
 
 # %% ../nbs/02_models.ipynb #c003
 from __future__ import annotations
-import hashlib, importlib.util, os, shutil, tempfile
+import ctypes, gc, hashlib, importlib.util, os, shutil, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['EMBEDDED_WHEEL', 'EMBEDDED_GGUF', 'BUILTIN_MODELS', 'DTYPES', 'PRESETS', 'ModelLoadError', 'embedded_gguf',
-           'cache_dir', 'file_sha256', 'build_atomically', 'embedded_checkpoint', 'tiny_config', 'tiny_checkpoint',
-           'resolve_model', 'load_tokenizer', 'pick_device', 'quant_config', 'load_base', 'load_base_from', 'chat_once',
-           'linear_layer_names', 'TargetError', 'resolve_targets', 'lora_config', 'attach_lora', 'attach_lora_from',
-           'TrainableReport', 'trainable_report', 'preset_for']
+__all__ = ['EMBEDDED_WHEEL', 'EMBEDDED_GGUF', 'BUILTIN_MODELS', 'MATH_ATTENTION_MAX_LEN', 'DTYPES', 'PRESETS', 'ModelLoadError',
+           'embedded_gguf', 'cache_dir', 'file_sha256', 'build_atomically', 'embedded_checkpoint', 'tiny_config',
+           'tiny_checkpoint', 'resolve_model', 'load_tokenizer', 'packed_lengths', 'packed_sdpa_attention',
+           'pick_device', 'quant_config', 'resolve_dtype', 'release_free_memory', 'load_base', 'load_base_from',
+           'chat_once', 'linear_layer_names', 'TargetError', 'resolve_targets', 'lora_config', 'attach_lora',
+           'attach_lora_from', 'TrainableReport', 'trainable_report', 'preset_for']
 
 # %% ../nbs/02_models.ipynb #c004
 from .config import hub_unreachable
@@ -149,6 +150,48 @@ def load_tokenizer(name:str='smollm2-135m'):
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return tok
 
+# %% ../nbs/02_models.ipynb #c022b
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel, SDPBackend
+
+def packed_lengths(position_ids) -> list[int]|None:
+    "Lengths of the sequences packed in one row, split where position ids do not go up by 1; None if not packed"
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1: return None
+    p = position_ids[0]
+    starts = [0] + ((p[1:] - p[:-1]) != 1).nonzero().add(1).squeeze(-1).tolist()
+    if len(starts) < 2: return None
+    return [b - a for a, b in zip(starts, starts[1:] + [len(p)])]
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kw):
+    "SDPA once per packed sequence (causal, no mask) for a padding-free row; transformers' sdpa for anything else"
+    lens = packed_lengths(position_ids) if attention_mask is None and query.shape[2] == key.shape[2] else None
+    if lens is None: return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+    gqa = query.shape[1] != key.shape[1]
+    with sdpa_kernel(_packed_backends(query.device.type, max(lens))):
+        parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+                 for q, k, v in zip(query.split(lens, 2), key.split(lens, 2), value.split(lens, 2))]
+    return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
+
+MATH_ATTENTION_MAX_LEN = 1024  # on CPU, sequences up to this long use SDPA's math kernel (scores held: L x L per head)
+
+def _packed_backends(device_type:str, longest:int) -> list:
+    "SDPA kernels for one packed row: on CPU the math kernel for short sequences, else PyTorch's own choice"
+    # PyTorch's CPU flash kernel has a slow backward on short sequences: for SmolLM2's shapes and ~90 tokens per
+    # sequence, math ran forward + backward in about half its time (chapter 8); its L x L scores are small at that length.
+    if device_type == 'cpu' and longest <= MATH_ATTENTION_MAX_LEN: return [SDPBackend.MATH]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+
+def _packed_sdpa_mask(*args, attention_mask=None, **kw):
+    "No mask without padding (the attention splits packed rows itself); sdpa's mask when there is padding"
+    if attention_mask is None or bool(attention_mask.all()): return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kw)
+
+AttentionInterface.register('packed_sdpa', packed_sdpa_attention)
+AttentionMaskInterface.register('packed_sdpa', _packed_sdpa_mask)
+
 # %% ../nbs/02_models.ipynb #c024
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -169,17 +212,45 @@ def _silence_known_warnings():
     "Quiet transformers' info logs and per-tensor progress bars while loading"
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
 
+def resolve_dtype(dtype:str='auto', # float32 | bfloat16 | float16 | auto
+                  precision:str='auto', # the training precision: auto | bf16 | fp16 | fp32
+                  device:str='auto') -> str:
+    "The storage dtype `dtype` names: 'auto' is bfloat16 when training runs in bf16, else float32"
+    if dtype != 'auto': return dtype
+    from lora_nb.train import pick_precision  # imported here: lora_nb.train imports this module
+    return 'bfloat16' if pick_precision(precision, device) == 'bf16' else 'float32'
+
+def release_free_memory():
+    "Give back to the OS the memory glibc's allocator holds but no object uses (a no-op without glibc)"
+    # Python has no binding for malloc_trim; after a load that builds and drops fp32 copies (4-bit
+    # quantization does) glibc keeps hundreds of MB of freed pages, which count in the process's size.
+    gc.collect()
+    try: ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError): pass
+
+def _prepare_kbit(model, dtype:str, gradient_checkpointing:bool):
+    "Freeze a 4-bit model for LoRA training: PEFT's preparation for fp16, without its fp32 upcast otherwise"
+    # prepare_model_for_kbit_training casts every bf16/fp16 weight that is not 4-bit (embeddings, norms) to fp32,
+    # which fp16 needs for range. In bf16 it doubles the embeddings and turns every activation fp32 (measured in
+    # nbs/08_performance.ipynb), so a bf16 base is frozen as it is.
+    if dtype == 'float16':
+        from peft import prepare_model_for_kbit_training
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for p in model.parameters(): p.requires_grad_(False)
+    if gradient_checkpointing: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    return model
+
 def load_base(name:str='smollm2-135m', # built-in name, local folder or hub id
-              dtype:str='float32', # storage dtype of the weights that are not quantized
+              dtype:str='float32', # storage dtype of the weights that are not quantized; 'auto': see `resolve_dtype`
               load_in_4bit:bool=False, # QLoRA: 4-bit weights via bitsandbytes
               quant_type:str='nf4', double_quant:bool=True, compute_dtype:str='bfloat16',
-              device:str='auto', attn_implementation:str='sdpa',
+              device:str='auto', attn_implementation:str='packed_sdpa', # or sdpa, eager
               gradient_checkpointing:bool=False,
               training:bool=True, # use_cache off, k-bit preparation
              ):
     "Load `(model, tokenizer)` for fine-tuning or inference"
     _silence_known_warnings()
-    path, dev = resolve_model(name), pick_device(device)
+    path, dev, dtype = resolve_model(name), pick_device(device), resolve_dtype(dtype, device=device)
     kw = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     if load_in_4bit: kw.update(quantization_config=quant_config(quant_type, double_quant, compute_dtype), device_map={'': dev})
     kw.update(_hub_kwargs(path))
@@ -191,17 +262,16 @@ def load_base(name:str='smollm2-135m', # built-in name, local folder or hub id
     if name in BUILTIN_MODELS: model.name_or_path = name  # adapters then record the built-in name, not a cache path
     if training:
         model.config.use_cache = False
-        if load_in_4bit:
-            from peft import prepare_model_for_kbit_training
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        if load_in_4bit: model = _prepare_kbit(model, dtype, gradient_checkpointing)
         elif gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    if dev == 'cpu': release_free_memory()
     return model, load_tokenizer(name)
 
 def load_base_from(cfg, **overrides):
     "`load_base` with the `[model]` and `[quant]` settings of `cfg` (a `lora_nb.config.Config`)"
     m, q = cfg.model, cfg.quant
-    kw = dict(name=m.name, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation,
+    kw = dict(name=m.name, dtype=resolve_dtype(m.dtype, cfg.train.precision, m.device), device=m.device, attn_implementation=m.attn_implementation,
               gradient_checkpointing=m.gradient_checkpointing, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type,
               double_quant=q.double_quant, compute_dtype=q.compute_dtype)
     return load_base(**{**kw, **overrides})

@@ -7,7 +7,7 @@ from lora_nb.bench import run_bench, summarize_bench, format_bench, lora_rooflin
 
 @pytest.fixture(scope='module')
 def tiny_bench(tmp_path_factory):
-    "One bench of all four recipes on the tiny model: 2 steps of 2 examples each, eval on 8 validation examples"
+    "One bench of all six recipes on the tiny model: 2 steps of 2 examples each, eval on 8 validation examples"
     lines, path = [], tmp_path_factory.mktemp('bench')/'bench.json'
     summary = run_bench(model='tiny', steps=2, examples=8, batch_size=2, save=str(path), out=lines.append)
     return summary, lines, path
@@ -28,7 +28,7 @@ def test_last_line_is_the_json_summary(tiny_bench):
 def test_every_recipe_trained_the_same_examples(tiny_bench):
     summary, _, _ = tiny_bench
     recipes = summary['recipes']
-    assert sorted(recipes) == ['lora_nb', 'qlora', 'seed', 'trl']
+    assert sorted(recipes) == ['lora_fp32', 'lora_nb', 'qlora', 'qlora_no_gc', 'seed', 'trl']
     for r in recipes.values():
         assert (r['steps'], r['timed_steps'], r['train_examples'], r['val_examples']) == (2, 1, 4, 8)
         assert len(r['train_loss']) == 2 and all(math.isfinite(l) for l in r['train_loss'])
@@ -43,6 +43,16 @@ def test_every_recipe_trained_the_same_examples(tiny_bench):
     # TRL's defaults as run: bf16 autocast and gradient checkpointing on; lora_nb: bf16 without checkpointing
     assert recipes['trl']['settings']['bf16'] and recipes['trl']['settings']['gradient_checkpointing']
     assert not recipes['seed']['settings']['bf16'] and not recipes['lora_nb']['settings']['gradient_checkpointing']
+    # the base each recipe trained on: fp32 for the guides' recipes and lora_fp32, bf16 for lora_nb (dtype auto, bf16
+    # autocast on this CPU) and for QLoRA's non-quantized weights; lora_nb splits packed rows in attention
+    bf16 = recipes['lora_nb']['settings']['bf16']
+    assert [recipes[r]['base_dtype'] for r in ('seed', 'trl', 'lora_fp32')] == ['float32'] * 3
+    assert recipes['lora_nb']['base_dtype'] == recipes['qlora']['base_dtype'] == ('bfloat16' if bf16 else 'float32')
+    assert recipes['lora_nb']['attn_implementation'] == 'packed_sdpa'
+    assert recipes['qlora']['weight_bytes'] < recipes['lora_nb']['weight_bytes'] <= recipes['lora_fp32']['weight_bytes']
+    # QLoRA as its recipe runs it (4-bit + gradient checkpointing), and the 4-bit base alone
+    assert recipes['qlora']['load_in_4bit'] and recipes['qlora_no_gc']['load_in_4bit'] and not recipes['lora_nb']['load_in_4bit']
+    assert recipes['qlora']['model_gradient_checkpointing'] and not recipes['qlora_no_gc']['model_gradient_checkpointing']
 
 
 def test_summary_arithmetic():
@@ -53,6 +63,10 @@ def test_summary_arithmetic():
                         dict(fp32=1e-6, bf16=4e-6, bf16_cpu=2e-6))
     assert s['speedup_vs_seed_recipe'] == pytest.approx(10) and s['speedup_vs_trl_default'] == pytest.approx(2)
     assert s['qlora_to_lora_memory'] == pytest.approx(0.4) and s['qlora_to_lora_weights'] == pytest.approx(0.4)
+    # with an fp32 LoRA run, QLoRA is compared with it, and lora_nb's own bf16 base is reported against both
+    both = summarize_bench(dict(lora_nb=rec(100, 400), lora_fp32=rec(90, 640), qlora=rec(40, 160)), dict(fp32=1e-6, bf16=4e-6))
+    assert both['qlora_to_lora_memory'] == pytest.approx(0.25) and both['qlora_to_bf16_lora_memory'] == pytest.approx(0.4)
+    assert both['bf16_to_fp32_lora_memory'] == pytest.approx(0.625)
     # 4 FLOPs per weight per token: 4e3 FLOP/s / (4 x 1000) = 1 tok/s; with the head at a quarter of the positions, N = 812.5
     assert s['roofline']['tokens_per_sec'] == pytest.approx(1.0)
     assert s['roofline']['tokens_per_sec_answer_head'] == pytest.approx(1000 / 812.5)
@@ -66,5 +80,5 @@ def test_summary_arithmetic():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match='use one of seed, trl, lora_nb, qlora'): measure_recipe('unsloth')
+    with pytest.raises(ValueError, match='use one of seed, trl, lora_nb, lora_fp32, qlora, qlora_no_gc'): measure_recipe('unsloth')
     with pytest.raises(ValueError, match='steps must be >= 2'): measure_recipe('lora_nb', steps=1)

@@ -100,5 +100,5 @@ def test_bench_smoke(tmp_path):
     assert code == 0, err[-3000:]
     last = json.loads(out.strip().splitlines()[-1])
     assert last == json.loads((tmp_path/'b.json').read_text())
-    assert sorted(last['recipes']) == ['lora_nb', 'qlora', 'seed', 'trl']
+    assert sorted(last['recipes']) == ['lora_fp32', 'lora_nb', 'qlora', 'qlora_no_gc', 'seed', 'trl']
     assert all(last[k] is not None for k in ('speedup_vs_seed_recipe', 'speedup_vs_trl_default', 'roofline_fraction', 'qlora_to_lora_memory'))
