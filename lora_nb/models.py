@@ -179,8 +179,9 @@ MATH_ATTENTION_MAX_LEN = 1024  # on CPU, sequences up to this long use SDPA's ma
 
 def _packed_backends(device_type:str, longest:int) -> list:
     "SDPA kernels for one packed row: on CPU the math kernel for short sequences, else PyTorch's own choice"
-    # PyTorch's CPU flash kernel has a slow backward on short sequences: for SmolLM2's shapes and ~90 tokens per
-    # sequence, math ran forward + backward in about half its time (chapter 8); its L x L scores are small at that length.
+    # PyTorch's CPU flash kernel has a slow backward on short sequences: for one SmolLM2 layer's shapes and eight
+    # sequences of 70-98 tokens, math ran forward + backward in about half its time here; its L x L scores are small
+    # at such lengths.
     if device_type == 'cpu' and longest <= MATH_ATTENTION_MAX_LEN: return [SDPBackend.MATH]
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
@@ -231,8 +232,8 @@ def release_free_memory():
 def _prepare_kbit(model, dtype:str, gradient_checkpointing:bool):
     "Freeze a 4-bit model for LoRA training: PEFT's preparation for fp16, without its fp32 upcast otherwise"
     # prepare_model_for_kbit_training casts every bf16/fp16 weight that is not 4-bit (embeddings, norms) to fp32,
-    # which fp16 needs for range. In bf16 it doubles the embeddings and turns every activation fp32 (measured in
-    # nbs/08_performance.ipynb), so a bf16 base is frozen as it is.
+    # which fp16 needs for range. In bf16 it doubles the embeddings and makes the residual stream, and so every
+    # activation, fp32, so a bf16 base is frozen as it is.
     if dtype == 'float16':
         from peft import prepare_model_for_kbit_training
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
