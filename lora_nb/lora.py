@@ -13,8 +13,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['LLAMA_LINEARS', 'TARGET_SETS', 'linear_lora_params', 'lora_scaling', 'LoRALinear', 'inject_lora', 'rank_r_errors',
-           'llama_linear_shapes', 'llama_target_names', 'lora_param_count', 'llama_param_count', 'build_meta_model',
-           'lora_summary']
+           'llama_linear_shapes', 'parse_targets', 'llama_target_names', 'lora_param_count', 'llama_param_count',
+           'build_meta_model', 'lora_summary']
 
 # %% ../nbs/00_lora_math.ipynb #c011
 def linear_lora_params(d_in:int, d_out:int, r:int) -> int:
@@ -96,13 +96,20 @@ def llama_linear_shapes(config) -> dict:
     return dict(q_proj=(h, q), k_proj=(h, kv), v_proj=(h, kv), o_proj=(q, h), gate_proj=(h, inter), up_proj=(h, inter), down_proj=(inter, h))
 
 # %% ../nbs/00_lora_math.ipynb #c065
-def llama_target_names(targets) -> tuple:
-    "Target names from a `TARGET_SETS` key ('all-linear', ...), 'q_proj,v_proj' or a list, checked against `LLAMA_LINEARS`"
+def parse_targets(targets) -> tuple|str:
+    "'all-linear', or the module names `targets` lists: a `TARGET_SETS` key, 'q_proj,v_proj', or a list"
     if isinstance(targets, str):
-        targets = TARGET_SETS.get(targets) or [t.strip() for t in targets.split(',')]
-    if unknown := sorted(set(targets) - set(LLAMA_LINEARS)):
-        raise ValueError(f"unknown target module(s) {unknown}; a Llama layer has {', '.join(LLAMA_LINEARS)}")
+        if targets.strip() == 'all-linear': return 'all-linear'
+        targets = TARGET_SETS.get(targets.strip()) or [t.strip() for t in targets.split(',') if t.strip()]
     return tuple(targets)
+
+def llama_target_names(targets) -> tuple:
+    "The names `targets` selects in a Llama layer, in layer order, checked against `LLAMA_LINEARS`"
+    names = parse_targets(targets)
+    if names == 'all-linear': return LLAMA_LINEARS
+    if unknown := [t for t in names if t not in LLAMA_LINEARS] or (not names and ['(none)']):
+        raise ValueError(f"{', '.join(unknown)} is not a linear layer of a Llama block ({', '.join(LLAMA_LINEARS)}, or all-linear)")
+    return tuple(n for n in LLAMA_LINEARS if n in names)
 
 def lora_param_count(config, targets, r:int) -> int:
     "Trainable parameters of rank-`r` LoRA on `targets` in every decoder layer of a Llama-style `config`"
