@@ -23,17 +23,17 @@ demo: install
 	$(BIN)/lora-nb demo
 
 # nbdev-test runs every notebook with the fast profile (tiny model); pytest runs tests/.
-# 09_scaling forks training processes from its kernel, which must not have trained before: nbdev-test's workers
+# 16_scaling forks training processes from its kernel, which must not have trained before: nbdev-test's workers
 # run several notebooks each, so that chapter gets a process of its own.
 test: install
-	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 2 --skip-file-re '^09_scaling'
-	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 1 --file-re '^09_scaling'
+	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 2 --skip-file-re '^16_scaling'
+	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 1 --file-re '^16_scaling'
 	LORA_NB_PROFILE=fast LORA_NB_BROWSER_TIMEOUT=480 $(BIN)/pytest -q tests
 
 # real-model checks: notebook cells marked `#| slow` and pytest tests marked slow
 test-slow: install
-	$(BIN)/nbdev-test --flags slow --n-workers 1 --cell-timeout 3600 --skip-file-re '^09_scaling'
-	$(BIN)/nbdev-test --flags slow --n-workers 1 --cell-timeout 3600 --file-re '^09_scaling'
+	$(BIN)/nbdev-test --flags slow --n-workers 1 --cell-timeout 3600 --skip-file-re '^16_scaling'
+	$(BIN)/nbdev-test --flags slow --n-workers 1 --cell-timeout 3600 --file-re '^16_scaling'
 	$(BIN)/pytest -q -m slow tests
 
 # The venv's own JupyterLab (its python3 kernel is the venv, so `import lora_nb` works); loopback only.

@@ -14,7 +14,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'MERGE_TOLERANCE', 'MERGE_RTOL', 'task_overrides', 'checkpoint_bytes',
            'AdapterSize', 'adapter_size', 'AdapterError', 'read_adapter_config', 'base_model_name',
-           'read_adapter_weights', 'check_adapter_fits', 'check_adapter_loaded', 'load_adapter', 'load_for_inference',
+           'read_adapter_weights', 'check_adapter_fits', 'recorded_base_config', 'check_base_architecture',
+           'OtherBaseWarning', 'warn_if_other_base', 'check_adapter_loaded', 'load_adapter', 'load_for_inference',
            'using_adapter', 'evaluate_adapters', 'exact_match_table', 'combine_adapters', 'save_adapter',
            'merge_tolerance', 'check_records', 'prompt_logits', 'logit_gap', 'run_quant_settings', 'dequantized_base',
            'merge_adapter']
@@ -25,7 +26,7 @@ from .core import LoraNbError, atomic_write_text, build_atomically, torch_dtype
 from .config import Config, ConfigError, data_path
 from .tasks import TASKS, task_splits
 from .data import build_prompt, read_records
-from .models import load_base, resolve_model
+from .models import BUILTIN_MODELS, load_base, resolve_model
 from .infer import evaluate, generate_responses, load_inference_base
 
 # %% ../nbs/12_adapters.ipynb #c007
@@ -126,7 +127,7 @@ def _describe(model) -> str:
             f"{getattr(c, 'num_hidden_layers', '?')} layers")
 
 def check_adapter_fits(model, adapter_dir, weights:dict|None=None, config:dict|None=None):
-    "Raise `AdapterError` unless every LoRA tensor of the adapter names a module of `model` and fits its shape"
+    "Raise `AdapterError` unless the adapter fits `model`: each LoRA tensor's module and shape, then its base (next section)"
     p = Path(adapter_dir)/ADAPTER_WEIGHTS
     config = config or read_adapter_config(adapter_dir)
     weights = weights if weights is not None else read_adapter_weights(adapter_dir)
@@ -157,6 +158,49 @@ def check_adapter_fits(model, adapter_dir, weights:dict|None=None, config:dict|N
     if misfit:
         raise AdapterError(f"{p}: does not fit this base ({_describe(model)}): {misfit[0]}; "
                            f"{len(misfit)} of {n} LoRA tensors do not fit; {trained_on}")
+    check_base_architecture(model, adapter_dir, config)
+    warn_if_other_base(model, adapter_dir, config)
+
+# %% ../nbs/12_adapters.ipynb #c101
+def recorded_base_config(name:str|None) -> dict|None:
+    "The config.json of base `name` if it is on this machine (a built-in name or a model folder), else None"
+    if not name: return None
+    p = (Path(resolve_model(name)) if name in BUILTIN_MODELS else Path(name).expanduser())/'config.json'
+    try: return json.loads(p.read_text(encoding='utf-8')) if p.is_file() else None
+    except (OSError, ValueError): return None
+
+def check_base_architecture(model, adapter_dir, config:dict|None=None):
+    "Raise `AdapterError` if the base the adapter names can be read here and is another architecture than `model`"
+    config = config or read_adapter_config(adapter_dir)
+    name = config.get('base_model_name_or_path')
+    recorded = recorded_base_config(name)
+    if recorded is None: return
+    inner = _inner_model(model)
+    arch, model_type = type(inner).__name__, getattr(inner.config, 'model_type', None)
+    want_arch, want_type = (recorded.get('architectures') or [None])[0], recorded.get('model_type')
+    if model_type != want_type or (want_arch and want_arch != arch):
+        given = repr(inner.name_or_path) if inner.name_or_path else 'a model'
+        raise AdapterError(f"{Path(adapter_dir)/ADAPTER_CONFIG}: trained on {name!r} ({want_arch or want_type}), but the base "
+                           f"given is {given} ({arch}): an adapter does not carry over to another architecture")
+
+# %% ../nbs/12_adapters.ipynb #c105
+class OtherBaseWarning(UserWarning):
+    "An adapter put on a base of the right shapes and architecture, but not the base its config names"
+
+def _same_base(a:str, b:str) -> bool:
+    "Do two base names (built-in names, folders, hub ids) name the same model?"
+    def key(n):
+        p = Path(resolve_model(n)) if n in BUILTIN_MODELS else Path(n).expanduser()
+        return str(p.resolve()) if p.exists() else n
+    return a == b or key(a) == key(b)
+
+def warn_if_other_base(model, adapter_dir, config:dict|None=None):
+    "Warn (`OtherBaseWarning`) if `model` records another base name than the one the adapter was trained on"
+    config = config or read_adapter_config(adapter_dir)
+    trained_on, given = config.get('base_model_name_or_path'), _inner_model(model).name_or_path
+    if trained_on and given and not _same_base(trained_on, given):
+        warnings.warn(f"{Path(adapter_dir)/ADAPTER_CONFIG}: trained on {trained_on!r}, put on {given!r}: the shapes and "
+                      f"the architecture fit, but on other weights the adapter does not do what it learned", OtherBaseWarning)
 
 # %% ../nbs/12_adapters.ipynb #c034
 def check_adapter_loaded(model, adapter_dir, name:str, weights:dict):
@@ -201,7 +245,7 @@ def load_adapter(base_model, adapter_dir, name:str='default', is_trainable:bool=
         raise
     return model
 
-# %% ../nbs/12_adapters.ipynb #c099
+# %% ../nbs/12_adapters.ipynb #c109
 def load_for_inference(base:str|None=None, adapter=None, cfg:Config|None=None):
     "(model, tokenizer) ready for generation: `base` (default: the adapter's base, else `[model] name`), plus `adapter`, checked"
     base = base or (base_model_name(adapter) if adapter is not None else None)
@@ -246,7 +290,7 @@ def combine_adapters(model, adapters:list, weights:list, name:str, combination_t
 def save_adapter(model, adapter_dir, name:str|None=None, tokenizer=None) -> Path:
     "Write adapter `name` (default: the active one) of PEFT `model` to the new folder `adapter_dir`, in PEFT format"
     dest = Path(adapter_dir)
-    if dest.exists(): raise FileExistsError(f"{dest} already exists: choose a new folder for the adapter")
+    if dest.exists(): raise AdapterError(f"{dest} already exists: choose a new folder for the adapter")
     name = name or model.active_adapter
     if name not in model.peft_config: raise AdapterError(f"no adapter named {name!r}; loaded: {', '.join(model.peft_config)}")
     def build(tmp:Path):
@@ -318,7 +362,7 @@ def merge_adapter(adapter_dir, output_dir, base:str|None=None, dtype:str='float3
     t0 = time.time()
     adapter_dir, out = Path(adapter_dir), Path(output_dir)
     if dtype not in ('float32', 'bfloat16'): raise ValueError(f"dtype must be float32 or bfloat16, not {dtype!r}")
-    if out.exists(): raise FileExistsError(f"{out} already exists: choose a new output folder")
+    if out.exists(): raise AdapterError(f"{out} already exists: choose a new output folder")
     base = base or base_model_name(adapter_dir)
     quant = run_quant_settings(adapter_dir) or {}
     from_4bit = quant.get('load_in_4bit', False) if from_4bit is None else from_4bit

@@ -6,8 +6,7 @@ Docs: https://github.com/lora-nb/lora_nb/performance.html.md"""
 
 # %% ../nbs/15_performance.ipynb #c003
 from __future__ import annotations
-import gc, json, os, sys, tempfile, time, warnings
-from functools import partial
+import gc, json, os, tempfile, time, warnings
 from pathlib import Path
 
 # %% auto #0
@@ -18,13 +17,15 @@ __all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES
            'measure_levers', 'run_levers']
 
 # %% ../nbs/15_performance.ipynb #c004
+import torch, transformers
+from transformers import Trainer, TrainerCallback, TrainingArguments, DataCollatorForLanguageModeling
 from .core import atomic_write_text, cpu_name, machine_info, pick_device, release_free_memory, run_fresh, torch_dtype
-from transformers import TrainerCallback
-from .config import data_path, load_config, project_root
+from .config import data_path, load_config
 from .data import read_records, build_prompt, tokenize_example, collate_padded, collate_padding_free, collator_for, length_grouped_batches
 from .models import load_base, load_base_from, attach_lora, attach_lora_from, load_tokenizer
 from .memory import _reset_rss_peak
 from .train import LoraTrainer, answer_loss, training_args
+# trl, datasets, peft and bitsandbytes are imported where they are used: heavy to import, needed by few functions
 
 # %% ../nbs/15_performance.ipynb #c008
 def matmul_peak(dtype:str='bfloat16', # 'float32' or 'bfloat16' (or 'fp32', 'bf16')
@@ -32,7 +33,6 @@ def matmul_peak(dtype:str='bfloat16', # 'float32' or 'bfloat16' (or 'fp32', 'bf1
                 clock:str='wall', # 'cpu': per second of this process's CPU time (all its threads), not of wall-clock time
                ) -> float:
     "This machine's matmul speed in GFLOP/s: the best of `repeats` timings of n x n `torch.matmul` in `dtype`"
-    import torch
     now = time.process_time if clock == 'cpu' else time.perf_counter
     dt = torch_dtype(dtype)
     g = torch.Generator().manual_seed(0)
@@ -51,8 +51,7 @@ def matmul_peak(dtype:str='bfloat16', # 'float32' or 'bfloat16' (or 'fp32', 'bf1
 # %% ../nbs/15_performance.ipynb #c012
 def matmul_params(model) -> dict:
     "Weights each token meets in matrix multiplications: decoder linear layers ('body') and LM head ('head'); LoRA's A and B not counted"
-    import torch
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # heavy: only to recognise its quantized layers
     head = model.get_output_embeddings()
     kinds = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     body = sum(m.in_features * m.out_features for name, m in model.named_modules()
@@ -87,7 +86,6 @@ class CountingCollator:
 # %% ../nbs/15_performance.ipynb #c021
 def answer_eval_loss(model, examples:list, pad_token_id:int, batch_size:int=8) -> float:
     "Mean cross-entropy per response token (+EOS) over `examples`: fp32, no autocast, padded batches"
-    import torch
     was_training, dev = model.training, next(model.parameters()).device
     model.eval(); total, n = 0.0, 0
     # a bf16 base is evaluated in fp32 too (bf16 -> fp32 -> bf16 is exact, so training is unaffected): the loss
@@ -129,8 +127,7 @@ SEED_MICRO_BATCH = 2  # examples per forward pass in the older recipe; gradient 
 
 def seed_recipe_trainer(model, tok, records, cfg, out_dir):
     "The older guides' recipe: fp32, every example padded to max_length, loss on every token, plain `Trainer`"
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments, DataCollatorForLanguageModeling
+    from datasets import Dataset  # heavy: see the imports
     texts = [build_prompt(r, cfg.data.template, tok) + r['output'] for r in records]
     enc = tok(texts, truncation=True, max_length=cfg.data.max_length, padding='max_length')
     ds = Dataset.from_dict(dict(input_ids=enc['input_ids'], attention_mask=enc['attention_mask']))
@@ -143,7 +140,7 @@ def seed_recipe_trainer(model, tok, records, cfg, out_dir):
 # %% ../nbs/15_performance.ipynb #c030
 def trl_sft_config(**kw):
     "TRL's `SFTConfig(**kw)`, without the FutureWarning its own `gradient_checkpointing=True` default raises in transformers 5"
-    from trl import SFTConfig
+    from trl import SFTConfig  # heavy: see the imports
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='`gradient_checkpointing` is deprecated', category=FutureWarning)
         return SFTConfig(**kw)
@@ -154,7 +151,7 @@ TRL_SETTINGS = ('bf16', 'fp16', 'gradient_checkpointing', 'optim', 'max_length',
 
 def trl_trainer(model, tok, records, cfg, out_dir):
     "TRL's `SFTTrainer` with its defaults for prompt/completion data (use_cpu=True on a CPU: its bf16 default needs it)"
-    from datasets import Dataset
+    from datasets import Dataset  # heavy: see the imports
     from trl import SFTTrainer
     ds = Dataset.from_list([dict(prompt=build_prompt(r, cfg.data.template, tok), completion=r['output']) for r in records])
     args = trl_sft_config(**_shared_args(cfg, out_dir), **({'use_cpu': True} if _on_cpu(cfg) else {}))
@@ -165,8 +162,7 @@ def lora_nb_trainer(model, tok, records, cfg, out_dir):
     "lora_nb's training path: `LoraTrainer` with `training_args(cfg)` and the collator `[data] batching` names"
     args = training_args(cfg, Path(out_dir)); args.disable_tqdm = True
     ex = [tokenize_example(r, tok, cfg.data.template, cfg.data.max_length) for r in records]
-    collate = collate_padding_free if cfg.data.batching == 'padding_free' else partial(collate_padded, pad_token_id=tok.pad_token_id, pad_to_multiple_of=8)
-    return LoraTrainer(model=model, args=args, train_dataset=ex, data_collator=collate)
+    return LoraTrainer(model=model, args=args, train_dataset=ex, data_collator=collator_for(cfg.data.batching, tok))
 
 RECIPE_TRAINERS = {'seed': seed_recipe_trainer, 'trl': trl_trainer, 'lora_nb': lora_nb_trainer,
                    'lora_fp32': lora_nb_trainer, 'qlora': lora_nb_trainer, 'qlora_no_gc': lora_nb_trainer}
@@ -189,8 +185,6 @@ def _proc_status_bytes(key:str) -> int|None:
             if line.startswith(key + ':'): return int(line.split()[1]) * 1024
     except OSError: return None
 
-_reset_peak_rss = _reset_rss_peak  # the memory chapter's: VmHWM back to the current size (Linux 4.0+)
-
 def _settings_of(trainer) -> dict:
     a = trainer.args
     return dict(bf16=a.bf16, fp16=a.fp16, gradient_checkpointing=a.gradient_checkpointing, optim=str(getattr(a.optim, 'value', a.optim)),
@@ -199,7 +193,7 @@ def _settings_of(trainer) -> dict:
 
 def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:int, warmup:int, overrides=()) -> dict:
     "Train one recipe in this process and measure it; only meaningful in a fresh process"
-    import torch, transformers, peft, trl, datasets, bitsandbytes  # imported before the baseline: not the recipe's memory
+    import peft, trl, datasets, bitsandbytes  # imported before the baseline: not the recipe's memory  # noqa: F401
     transformers.logging.set_verbosity_error(); datasets.disable_progress_bars()
     cfg = bench_config(model, steps, batch_size, [*RECIPE_OVERRIDES.get(recipe, []), *overrides])
     if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
@@ -220,7 +214,7 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
         clock = StepClock(); trainer.add_callback(clock)
         release_free_memory()  # what the eval before training freed is not the recipe's
         if dev == 'cuda': torch.cuda.reset_peak_memory_stats()
-        else: _reset_peak_rss()
+        else: _reset_rss_peak()  # the memory chapter's: VmHWM back to the current size (Linux 4.0+)
         trainer.train()
         peak = torch.cuda.max_memory_allocated() if dev == 'cuda' else _proc_status_bytes('VmHWM')
     w, ga = min(warmup, steps - 1), trainer.args.gradient_accumulation_steps
@@ -334,7 +328,7 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
               save:str|None=None, # also write the summary as JSON to this file
               out=print) -> dict:
     "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
-    import torch, transformers, peft, trl
+    import peft, trl  # heavy: see the imports
     batch_size = batch_size or load_config(overrides=overrides).train.batch_size
     cfg = bench_config(model, steps, batch_size, overrides)
     dev, threads = pick_device(cfg.model.device), cfg.train.threads or torch.get_num_threads()
@@ -390,7 +384,6 @@ def full_logits_loss(model, batch:dict):
 
 def time_training_steps(model, batches:list, loss_fn, precision:str='bf16', warmup:int=1) -> dict:
     "Seconds per step and tokens/s of plain training steps (forward, backward, AdamW) over `batches`; the first `warmup` untimed"
-    import torch
     dev = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train(); tokens = sup = computed = 0
@@ -425,7 +418,6 @@ def measure_levers(model:str='smollm2-135m', steps:int=2, warmup:int=1, batch_si
                    threads:int|None=None, # torch threads for every lever without its own (None: as they are)
                    out=print) -> list[dict]:
     "Tokens/s of plain training steps under each setting of `levers` (default `LEVERS`), on the same examples"
-    import torch
     cfg = bench_config(model, steps + warmup, batch_size)
     l, levers = cfg.lora, LEVERS if levers is None else levers
     recs = read_records(data_path(cfg.data.train_file))[:(steps + warmup) * batch_size]
@@ -455,7 +447,6 @@ def measure_levers(model:str='smollm2-135m', steps:int=2, warmup:int=1, batch_si
 # %% ../nbs/15_performance.ipynb #c071
 def run_levers(model:str='smollm2-135m', steps:int=2, warmup:int=1, batch_size:int=4, save:str|None=None, **kw) -> dict:
     "`measure_levers` with when and where it ran; also written as JSON to `save`"
-    import torch
     before, t0 = os.getloadavg()[0], time.time()
     rows = measure_levers(model, steps=steps, warmup=warmup, batch_size=batch_size, **kw)
     d = dict(model=model, steps=steps, warmup_steps=warmup, batch_size=batch_size,

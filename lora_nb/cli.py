@@ -6,190 +6,243 @@ Docs: https://github.com/lora-nb/lora_nb/cli.html.md"""
 
 # %% ../nbs/18_cli.ipynb #c003
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, json, os, sys, warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cmd_train', 'cmd_eval', 'cmd_chat', 'cmd_demo', 'cmd_merge', 'cmd_export', 'cmd_doctor', 'cmd_bench', 'cmd_estimate',
-           'cmd_tensorboard', 'build_parser', 'main']
+__all__ = ['SUBCOMMANDS', 'add_settings', 'settings', 'cmd_train', 'add_train', 'cmd_eval', 'add_eval', 'cmd_chat', 'add_chat',
+           'cmd_demo', 'add_demo', 'cmd_merge', 'add_merge', 'cmd_export', 'add_export', 'cmd_doctor', 'add_doctor',
+           'cmd_bench', 'add_bench', 'cmd_estimate', 'add_estimate', 'cmd_tensorboard', 'add_tensorboard',
+           'build_parser', 'main']
+
+# %% ../nbs/18_cli.ipynb #c011
+from .core import LoraNbError
+from .config import Config, data_path, load_config
+from .distributed import is_main_process, processes_asked
 
 # %% ../nbs/18_cli.ipynb #c006
-def _settings_args(p):
+def add_settings(p, model:bool=True):
+    "Add `--config`, `--set` and (with `model`) `--model` to the subcommand parser `p`"
     p.add_argument('--config', metavar='FILE', help='settings file with the keys to change (on top of settings.ini)')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE',
                    help='override one setting, e.g. --set train.lr=1e-4 (repeatable)')
-    p.add_argument('--model', help='base model: smollm2-135m, tiny, a local folder or a hub id (= --set model.name=...)')
+    if model: p.add_argument('--model', dest='model_name', metavar='MODEL',
+                             help='base model: smollm2-135m, tiny, a local folder or a hub id (= --set model.name=...)')
 
-def _cfg(a, *extra):
-    from lora_nb.config import load_config
-    ov = list(a.overrides) + ([f'model.name={a.model}'] if getattr(a, 'model', None) else [])
-    ov += [f'train.processes={a.processes}'] if getattr(a, 'processes', None) else []
-    ov += list(extra)
-    return load_config(a.config, ov)
+def settings(args, options:dict|None=None) -> Config:
+    "The settings `args` ask for; `options` ({'section.key': value}, None left out) go on top of `--set`"
+    options = {'model.name': getattr(args, 'model_name', None), **(options or {})}
+    return load_config(args.config, [*args.overrides, *(f'{k}={v}' for k, v in options.items() if v is not None)])
+
+def _subcommand(sub, cmd, help:str):
+    "A parser for the subcommand that `cmd` runs (`cmd_eval` -> `eval`), its docstring as the description"
+    p = sub.add_parser(cmd.__name__.removeprefix('cmd_'), help=help, description=cmd.__doc__)
+    p.set_defaults(handler=cmd)
+    return p
 
 # %% ../nbs/18_cli.ipynb #c008
-def cmd_train(a):
-    "Train a LoRA adapter; prints the run folder"
-    from lora_nb.scaling import is_main_process
-    from lora_nb.train import train
-    cfg = _cfg(a)
-    run = train(cfg, name=a.name, resume=a.resume)
+def cmd_train(args):
+    "Train a LoRA adapter as the settings say; prints the run folder and one JSON line of figures"
+    cfg = settings(args, {'train.processes': args.processes})
+    if cfg.train.processes > 1 and processes_asked() == 1:
+        from lora_nb.scaling import launch_training  # torch: imported on use (see above)
+        run = launch_training(cfg, args.name, args.resume, cfg.train.processes)
+    else:
+        from lora_nb.train import train  # torch: imported on use
+        run = train(cfg, name=args.name, resume=args.resume)
     if not is_main_process(): return  # under torchrun / accelerate launch, rank 0 reports
     m = json.loads((run/'metrics.json').read_text())
     print(f"run folder: {run}")
-    print(json.dumps({k: m[k] for k in ('steps', 'final_train_loss', 'final_eval_loss', 'tokens_per_sec', 'train_seconds')}))
+    print(json.dumps({k: m.get(k) for k in ('steps', 'final_train_loss', 'final_eval_loss', 'tokens_per_sec', 'train_seconds')}))
 
-def cmd_eval(a):
+def add_train(sub):
+    "The arguments of `lora-nb train`"
+    p = _subcommand(sub, cmd_train, 'train a LoRA adapter'); add_settings(p)
+    p.add_argument('--name', help='run name (folder under [train] output_dir)')
+    p.add_argument('--resume', action='store_true', help='continue from the last checkpoint of --name')
+    p.add_argument('--processes', type=int, metavar='N', help='train on N processes of this machine (= --set train.processes=N)')
+
+# %% ../nbs/18_cli.ipynb #c023
+def cmd_eval(args):
     "Evaluate a base model or an adapter on an Alpaca-format file; prints a table, then one JSON line"
-    from lora_nb.config import project_root
-    from lora_nb.data import read_records
-    from lora_nb.infer import load_for_inference, adapter_base_name, evaluate, metrics_table, save_metrics
-    cfg = _cfg(a, *([f'eval.limit={a.limit}'] if a.limit is not None else []))
-    model, tok = load_for_inference(a.base, a.adapter, cfg)
-    base = a.base or (adapter_base_name(a.adapter) if a.adapter else cfg.model.name)
-    data = a.data or str(project_root()/cfg.data.test_file)
-    m = evaluate(model, tok, read_records(data), cfg, task=a.task, progress=sys.stderr.isatty())
-    out = Path(a.output) if a.output else (Path(a.adapter)/'eval.json' if a.adapter else None)
-    if out: save_metrics({**m, 'data': data, 'adapter': a.adapter, 'base': base}, out)
-    print(metrics_table({'adapter' if a.adapter else 'base': m}))
-    if out: print(f"written: {out}")
+    from lora_nb.data import read_records  # torch: imported on use
+    from lora_nb.infer import evaluate, metrics_table, save_metrics
+    from lora_nb.adapters import load_for_inference
+    cfg = settings(args, {'eval.limit': args.limit})
+    model, tok = load_for_inference(args.base, args.adapter, cfg)
+    data = Path(args.data) if args.data else data_path(cfg.data.test_file)
+    m = evaluate(model, tok, read_records(data), cfg, task=args.task, progress=sys.stderr.isatty())
+    print(metrics_table({'adapter' if args.adapter else 'base': m}))
+    out = args.output or (Path(args.adapter)/'eval.json' if args.adapter else None)
+    if out: print(f"written: {save_metrics(m, out, data=data, adapter=args.adapter, base=model.name_or_path)}")
     print(json.dumps(m))
 
-def cmd_chat(a):
-    "Talk to a model (with an adapter) using the training prompt template"
-    from lora_nb.infer import load_for_inference, generate_responses, extract_response
-    cfg = _cfg(a)
-    model, tok = load_for_inference(a.base, a.adapter, cfg)
-    instruction = a.instruction
-    lines = [a.message] if a.message else sys.stdin
-    if not a.message and sys.stdin.isatty(): print("Type a message (Ctrl-D to end).", file=sys.stderr)
-    for line in lines:
-        if not line.strip(): continue
-        rec = dict(instruction=instruction, input=line.strip(), output='') if instruction else dict(instruction=line.strip(), input='', output='')
-        raw = generate_responses(model, tok, [rec], cfg.data.template, cfg.eval.max_new_tokens,
-                                 do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p)[0]
-        print(extract_response(raw), flush=True)
+def add_eval(sub):
+    "The arguments of `lora-nb eval`"
+    p = _subcommand(sub, cmd_eval, 'evaluate a model or adapter'); add_settings(p)
+    p.add_argument('--adapter', help='LoRA adapter folder')
+    p.add_argument('--base', help="base model (default: the adapter's own base, else [model] name)")
+    p.add_argument('--data', help='Alpaca-format file (default: [data] test_file)')
+    p.add_argument('--limit', type=int, help='first N examples only (= --set eval.limit=N)')
+    p.add_argument('--task', help='scorer to use: tickets or summary (default: [data] task)')
+    p.add_argument('--output', help='metrics JSON file (default with --adapter: eval.json in the adapter folder)')
 
-def cmd_demo(a):
+# %% ../nbs/18_cli.ipynb #c024
+def cmd_chat(args):
+    "Talk to a model (with an adapter) in the training prompt template: one answer per message"
+    from lora_nb.infer import reply  # torch: imported on use
+    from lora_nb.adapters import load_for_inference
+    cfg = settings(args)
+    model, tok = load_for_inference(args.base, args.adapter, cfg)
+    if not args.message and sys.stdin.isatty(): print("Type a message (Ctrl-D to end).", file=sys.stderr)
+    for line in [args.message] if args.message else sys.stdin:
+        if line.strip(): print(reply(model, tok, line.strip(), cfg, args.instruction), flush=True)
+
+def add_chat(sub):
+    "The arguments of `lora-nb chat`"
+    p = _subcommand(sub, cmd_chat, 'talk to a model'); add_settings(p)
+    p.add_argument('--adapter', help='LoRA adapter folder')
+    p.add_argument('--base', help="base model (default: the adapter's own base, else [model] name)")
+    p.add_argument('--instruction', help='fixed instruction; each message becomes the input')
+    p.add_argument('-m', '--message', help='one message instead of reading stdin')
+
+# %% ../nbs/18_cli.ipynb #c027
+def cmd_demo(args):
     "Zero-shot eval, train, eval again on the ticket task; prints the before/after table"
-    from lora_nb.demo import run_demo
-    run_demo(_cfg(a), name=a.name)
+    from lora_nb.demo import run_demo  # torch: imported on use
+    run_demo(settings(args, {'train.processes': args.processes}), name=args.name)
 
-def cmd_merge(a):
+def add_demo(sub):
+    "The arguments of `lora-nb demo`"
+    p = _subcommand(sub, cmd_demo, 'zero-shot -> train -> eval on the ticket task'); add_settings(p)
+    p.add_argument('--name', help='run name')
+    p.add_argument('--processes', type=int, metavar='N', help='train on N processes (the evaluations run in one)')
+
+# %% ../nbs/18_cli.ipynb #c030
+def cmd_merge(args):
     "Merge a LoRA adapter into its base model and save a standalone model + tokenizer"
-    from lora_nb.adapters import merge_adapter
-    out, summary = merge_adapter(a.adapter, a.output, base=a.base, dtype=a.dtype)
+    from lora_nb.adapters import merge_adapter  # torch: imported on use
+    out, summary = merge_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype)
     print(f"merged model: {out}")
     print(json.dumps(summary, default=str))
 
-def cmd_export(a):
-    "Write a GGUF file: a merged model (--model), or a LoRA adapter for llama.cpp's --lora (--adapter)"
-    from lora_nb.config import load_config
-    from lora_nb.export import export_gguf, export_lora_gguf
-    if bool(a.model) == bool(a.adapter): raise ValueError("give exactly one of --model MERGED_DIR or --adapter DIR")
-    cfg = load_config(a.config, a.overrides)  # --model here is the merged folder, not [model] name
-    ollama = a.ollama or cfg.export.ollama
-    if a.adapter: path = export_lora_gguf(a.adapter, a.output, base=a.base)
-    else: path = export_gguf(a.model, a.output, dtype=a.dtype or cfg.export.dtype, ollama=ollama, cfg=cfg)
-    print(f"written: {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
-    if a.model and ollama: print(f"written: {Path(path).parent/'Modelfile'}")
+def add_merge(sub):
+    "The arguments of `lora-nb merge`"
+    p = _subcommand(sub, cmd_merge, 'merge an adapter into its base model')
+    p.add_argument('--adapter', required=True, help='LoRA adapter folder')
+    p.add_argument('--output', required=True, help='new folder for the merged model')
+    p.add_argument('--base', help="base model (default: the adapter's own base)")
+    p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
 
-def cmd_doctor(a):
+# %% ../nbs/18_cli.ipynb #c031
+def cmd_export(args):
+    "Write a GGUF file: a merged model (--model; --ollama adds a Modelfile), or a LoRA adapter for llama.cpp's --lora (--adapter)"
+    cfg = settings(args)
+    if args.adapter:
+        from lora_nb.export import export_lora_gguf  # torch: imported on use
+        path = export_lora_gguf(args.adapter, args.output, base=args.base)
+    elif args.ollama or cfg.export.ollama:
+        from lora_nb.deploy import export_for_ollama
+        path = export_for_ollama(args.model, args.output, args.dtype or cfg.export.dtype, cfg)
+        print(f"written: {Path(path).parent/'Modelfile'}")
+    else:
+        from lora_nb.export import export_gguf
+        path = export_gguf(args.model, args.output, args.dtype or cfg.export.dtype)
+    print(f"written: {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
+
+def add_export(sub):
+    "The arguments of `lora-nb export`"
+    p = _subcommand(sub, cmd_export, 'write a GGUF file for llama.cpp / Ollama'); add_settings(p, model=False)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument('--model', help='merged model folder (from lora-nb merge)')
+    what.add_argument('--adapter', help='LoRA adapter folder: write a GGUF LoRA file')
+    p.add_argument('--base', help="the adapter's base model (default: from adapter_config.json)")
+    p.add_argument('--output', required=True, help='the .gguf file to write')
+    p.add_argument('--dtype', choices=['f32', 'f16', 'bf16', 'q8_0'], help='tensor type (default: [export] dtype)')
+    p.add_argument('--ollama', action='store_true', help='also write an Ollama Modelfile next to the GGUF (= [export] ollama)')
+
+# %% ../nbs/18_cli.ipynb #c034
+def cmd_doctor(args):
     "Check settings, data, tokenizer and model for known LoRA pitfalls; exit 1 on error-level findings"
-    from lora_nb.diagnostics import diagnose, format_findings, has_errors
-    findings = diagnose(_cfg(a), run=a.run)
+    from lora_nb.doctor import diagnose, format_findings  # torch: imported on use
+    from lora_nb.monitors import has_errors
+    findings = diagnose(settings(args), run=args.run)
     print(format_findings(findings))
     if has_errors(findings): sys.exit(1)
 
-def cmd_bench(a):
+def add_doctor(sub):
+    "The arguments of `lora-nb doctor`"
+    p = _subcommand(sub, cmd_doctor, 'check a config, its data and model for known pitfalls'); add_settings(p)
+    p.add_argument('--run', help='also check a finished run folder (template drift, overfitting)')
+
+# %% ../nbs/18_cli.ipynb #c035
+def cmd_bench(args):
     "Time the older guides' recipe, TRL's defaults and lora_nb's path on the same data; the last line is JSON"
-    from lora_nb.bench import run_bench
-    run_bench(model=a.model, steps=a.steps, examples=a.examples, batch_size=a.batch_size, save=a.output)
+    from lora_nb.bench import run_bench  # torch: imported on use
+    run_bench(model=args.model, steps=args.steps, examples=args.examples, batch_size=args.batch_size, save=args.output)
 
-def cmd_estimate(a):
+def add_bench(sub):
+    "The arguments of `lora-nb bench`"
+    p = _subcommand(sub, cmd_bench, 'benchmark training recipes side by side; the last line is one JSON object')
+    p.add_argument('--model', default='smollm2-135m', help='built-in name, folder or hub id')
+    p.add_argument('--steps', type=int, default=6, help='training steps per recipe (the first 2 untimed)')
+    p.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
+    p.add_argument('--batch-size', type=int, default=None, help='examples per step (default: settings.ini [train] batch_size)')
+    p.add_argument('--output', help='also write the figures as JSON here')
+
+# %% ../nbs/18_cli.ipynb #c036
+def cmd_estimate(args):
     "Estimate training memory from a model config (per process)"
-    from lora_nb.memory import estimate_memory, format_estimate
-    est = estimate_memory(a.model, method=a.method, rank=a.rank, seq=a.seq, batch=a.batch, optim=a.optim,
-                          targets=a.targets, gradient_checkpointing=a.gradient_checkpointing, dtype=a.dtype,
-                          n_processes=a.processes, zero_stage=a.zero_stage, device=a.device)
-    print(format_estimate(est))
+    from lora_nb.memory import estimate_memory, format_estimate  # torch: imported on use
+    print(format_estimate(estimate_memory(args.model, method=args.method, rank=args.rank, seq=args.seq, batch=args.batch,
+                                          optim=args.optim, targets=args.targets, gradient_checkpointing=args.gradient_checkpointing,
+                                          dtype=args.dtype, n_processes=args.processes, zero_stage=args.zero_stage, device=args.device)))
 
-def cmd_tensorboard(a):
+def add_estimate(sub):
+    "The arguments of `lora-nb estimate`"
+    p = _subcommand(sub, cmd_estimate, 'estimate training memory from a model config')
+    p.add_argument('--model', default='smollm2-135m', help='built-in name, model folder, config.json or hub id')
+    p.add_argument('--method', choices=['full', 'lora', 'qlora'], default='lora')
+    p.add_argument('--rank', type=int, default=16); p.add_argument('--seq', type=int, default=512)
+    p.add_argument('--batch', type=int, default=1, help='batch per process')
+    p.add_argument('--optim', default='adamw', help='adamw | adamw_8bit | sgd')
+    p.add_argument('--targets', default='all-linear'); p.add_argument('--dtype', choices=['bf16', 'fp32'], default='bf16')
+    p.add_argument('--gradient-checkpointing', action='store_true')
+    p.add_argument('--processes', type=int, default=1); p.add_argument('--zero-stage', type=int, choices=[0, 1, 2, 3], default=0)
+    p.add_argument('--device', choices=['cuda', 'cpu'], default='cuda')
+
+# %% ../nbs/18_cli.ipynb #c037
+def cmd_tensorboard(args):
     "Serve TensorBoard over the runs folder"
-    from lora_nb.config import project_root
-    logdir = a.logdir or str(project_root()/'runs')
-    os.execvp(sys.executable, [sys.executable, '-m', 'tensorboard.main', '--logdir', logdir, '--host', a.host, '--port', str(a.port)])
+    logdir = args.logdir or str(data_path(settings(args).train.output_dir))
+    os.execvp(sys.executable, [sys.executable, '-m', 'tensorboard.main', '--logdir', logdir, '--host', args.host, '--port', str(args.port)])
+
+def add_tensorboard(sub):
+    "The arguments of `lora-nb tensorboard`"
+    p = _subcommand(sub, cmd_tensorboard, 'serve TensorBoard over the runs folder'); add_settings(p, model=False)
+    p.add_argument('--logdir', help='folder to serve (default: [train] output_dir)')
+    p.add_argument('--host', default='127.0.0.1'); p.add_argument('--port', type=int, default=6006)
 
 # %% ../nbs/18_cli.ipynb #c010
+SUBCOMMANDS = (add_train, add_eval, add_chat, add_demo, add_merge, add_export, add_doctor, add_bench, add_estimate, add_tensorboard)
+
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-nb` argument parser"
     p = argparse.ArgumentParser(prog='lora-nb', description='LoRA / QLoRA fine-tuning, taught by notebooks.')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    def add(name, fn, help):
-        s = sub.add_parser(name, help=help, description=fn.__doc__); s.set_defaults(fn=fn); return s
-    s = add('train', cmd_train, 'train a LoRA adapter'); _settings_args(s)
-    s.add_argument('--name', help='run name (folder under runs/)'); s.add_argument('--resume', action='store_true', help='continue from the last checkpoint of --name')
-    s.add_argument('--processes', type=int, metavar='N', help='train on N processes of this machine (= --set train.processes=N)')
-    s = add('eval', cmd_eval, 'evaluate a model or adapter'); _settings_args(s)
-    s.add_argument('--adapter', help='LoRA adapter folder'); s.add_argument('--base', help='base model (default: the adapter\'s own base, else [model] name)')
-    s.add_argument('--data', help='Alpaca-format file (default: [data] test_file)'); s.add_argument('--limit', type=int, help='first N examples only')
-    s.add_argument('--task', help='scorer to use: tickets or summary (default: [data] task)'); s.add_argument('--output', help='metrics JSON file')
-    s = add('chat', cmd_chat, 'talk to a model'); _settings_args(s)
-    s.add_argument('--adapter'); s.add_argument('--base')
-    s.add_argument('--instruction', help='fixed instruction; each message becomes the input')
-    s.add_argument('-m', '--message', help='one message instead of reading stdin')
-    s = add('demo', cmd_demo, 'zero-shot -> train -> eval on the ticket task'); _settings_args(s)
-    s.add_argument('--name', help='run name')
-    s.add_argument('--processes', type=int, metavar='N', help='train on N processes (the evaluations run in one)')
-    s = add('merge', cmd_merge, 'merge an adapter into its base model')
-    s.add_argument('--adapter', required=True, help='LoRA adapter folder'); s.add_argument('--output', required=True, help='new folder for the merged model')
-    s.add_argument('--base', help="base model (default: the adapter's own base)")
-    s.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
-    s = add('export', cmd_export, 'write a GGUF file for llama.cpp / Ollama')
-    s.add_argument('--config', metavar='FILE'); s.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE')
-    s.add_argument('--model', help='merged model folder (from lora-nb merge)'); s.add_argument('--adapter', help='LoRA adapter folder: write a GGUF LoRA file')
-    s.add_argument('--base', help="the adapter's base model (default: from adapter_config.json)")
-    s.add_argument('--output', required=True, help='the .gguf file to write')
-    s.add_argument('--dtype', choices=['f32', 'f16', 'bf16', 'q8_0'], help='tensor type (default: [export] dtype)')
-    s.add_argument('--ollama', action='store_true', help='also write an Ollama Modelfile next to the GGUF')
-    s = add('doctor', cmd_doctor, 'check a config, its data and model for known pitfalls'); _settings_args(s)
-    s.add_argument('--run', help='also check a finished run folder (template drift, overfitting)')
-    s = add('bench', cmd_bench, 'benchmark training recipes side by side; the last line is one JSON object')
-    s.add_argument('--model', default='smollm2-135m', help='built-in name, folder or hub id')
-    s.add_argument('--steps', type=int, default=6, help='training steps per recipe (the first 2 untimed)')
-    s.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
-    s.add_argument('--batch-size', type=int, default=None, help='examples per step (default: settings.ini [train] batch_size)')
-    s.add_argument('--output', help='also write the figures as JSON here')
-    s = add('estimate', cmd_estimate, 'estimate training memory from a model config')
-    s.add_argument('--model', default='smollm2-135m', help='built-in name, model folder, config.json or hub id')
-    s.add_argument('--method', choices=['full', 'lora', 'qlora'], default='lora')
-    s.add_argument('--rank', type=int, default=16); s.add_argument('--seq', type=int, default=512)
-    s.add_argument('--batch', type=int, default=1, help='batch per process')
-    s.add_argument('--optim', default='adamw', help='adamw | adamw_8bit | sgd')
-    s.add_argument('--targets', default='all-linear'); s.add_argument('--dtype', choices=['bf16', 'fp32'], default='bf16')
-    s.add_argument('--gradient-checkpointing', action='store_true')
-    s.add_argument('--processes', type=int, default=1); s.add_argument('--zero-stage', type=int, choices=[0, 1, 2, 3], default=0)
-    s.add_argument('--device', choices=['cuda', 'cpu'], default='cuda')
-    s = add('tensorboard', cmd_tensorboard, 'serve TensorBoard over runs/')
-    s.add_argument('--logdir'); s.add_argument('--host', default='127.0.0.1'); s.add_argument('--port', type=int, default=6006)
+    for add in SUBCOMMANDS: add(sub)
     return p
 
 # %% ../nbs/18_cli.ipynb #c012
-def _user_errors() -> tuple:
-    from lora_nb.config import ConfigError
-    errs = [ConfigError, FileNotFoundError, ValueError]
-    for mod, name in [('lora_nb.models', 'ModelLoadError'), ('lora_nb.models', 'TargetError'), ('lora_nb.data', 'DataError'),
-                      ('lora_nb.train', 'TrainingError'), ('lora_nb.adapters', 'AdapterError'), ('lora_nb.export', 'ExportError'),
-                      ('lora_nb.scaling', 'ScalingError')]:
-        if mod in sys.modules and hasattr(sys.modules[mod], name): errs.append(getattr(sys.modules[mod], name))
-    return tuple(errs)
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
 
 def main(argv=None):
     "Entry point of the `lora-nb` command"
-    a = build_parser().parse_args(argv)
-    try: a.fn(a)
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _warning_line
+    try: args.handler(args)
     except KeyboardInterrupt: sys.exit(130)
-    except Exception as e:
-        if isinstance(e, _user_errors()) and not os.environ.get('LORA_NB_DEBUG'):
-            print(f"lora-nb {a.command}: error: {e}", file=sys.stderr); sys.exit(1)
-        raise
+    except LoraNbError as e:
+        if os.environ.get('LORA_NB_DEBUG') == '1': raise
+        print(f"lora-nb {args.command}: error: {e}", file=sys.stderr); sys.exit(1)

@@ -15,7 +15,7 @@ from .core import LoraNbError, atomic_write_text
 # %% auto #0
 __all__ = ['SECTIONS', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'EvalCfg', 'ExportCfg', 'Config', 'ConfigError',
            'parse_value', 'read_settings', 'read_profile', 'parse_override', 'find_settings', 'project_root',
-           'load_config', 'config_to_ini', 'save_config', 'overrides_of', 'data_path', 'run_folder']
+           'load_config', 'config_to_ini', 'save_config', 'overrides_of', 'data_path', 'run_folder', 'run_config']
 
 # %% ../nbs/02_config.ipynb #c008
 def _opt(*choices, check=None, why=''):
@@ -275,3 +275,9 @@ def data_path(p) -> Path:
 def run_folder(cfg:Config, name:str|None=None) -> Path:
     "runs/<name> under `[train] output_dir`; without a name, the task and a timestamp"
     return data_path(cfg.train.output_dir)/(name or f"{cfg.data.task}-{datetime.now():%Y%m%d-%H%M%S}")
+
+def run_config(run) -> Config|None:
+    "The `Config` a run (or its adapter folder) was trained with, from the run's config.ini; None if there is none"
+    for folder in (Path(run), Path(run).parent):
+        if (folder/'config.ini').exists(): return load_config(folder/'config.ini', profile='')
+    return None

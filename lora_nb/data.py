@@ -75,7 +75,7 @@ def _read_csv(path:Path) -> Records:
     return Records(recs, path, where)
 
 def _read_parquet(path:Path) -> Records:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: only for .parquet files
     rows = pq.read_table(path).to_pylist()
     return Records(rows, path, [f"row {i+1}" for i in range(len(rows))])
 
@@ -88,7 +88,7 @@ def _read_hub(name:str, split:str) -> Records:
     if why := hub_unreachable(timeout=5):
         raise DataError(f"could not load {name!r} from the Hugging Face hub ({why}). This machine is offline: {hint}")
     try:
-        import datasets
+        import datasets  # heavy: only for hub datasets
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
         raise DataError(f"could not load {name!r} (split {split!r}) from the Hugging Face hub "
@@ -263,7 +263,7 @@ def tokenize_records(records, tokenizer, template:str='alpaca', max_length:int=5
 # %% ../nbs/04_data.ipynb #c114
 def collate_padded(examples:list, pad_token_id:int, pad_to_multiple_of:int|None=None) -> dict:
     "Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding) as [B, T] tensors"
-    import torch
+    import torch  # heavy: data stays light until batches are built
     n = max(len(e['input_ids']) for e in examples)
     if pad_to_multiple_of: n = math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(examples), n), pad_token_id, dtype=torch.long)
@@ -277,7 +277,7 @@ def collate_padded(examples:list, pad_token_id:int, pad_to_multiple_of:int|None=
 # %% ../nbs/04_data.ipynb #c117
 def collate_padding_free(examples:list) -> dict:
     "One row, no padding: input_ids, labels, position_ids [1, T]; positions restart at 0 per example"
-    import torch
+    import torch  # heavy: data stays light until batches are built
     ids, labels, pos = [], [], []
     for e in examples:
         k = len(e['input_ids'])
@@ -287,7 +287,7 @@ def collate_padding_free(examples:list) -> dict:
 # %% ../nbs/04_data.ipynb #c120
 def per_example_loss(logits, labels, position_ids=None) -> list:
     "Mean next-token loss of each example: per row, or per segment of a padding-free row (`position_ids`)"
-    import torch, torch.nn.functional as F
+    import torch, torch.nn.functional as F  # heavy: only when losses are computed
     tok_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction='none', ignore_index=-100)
     counted = (labels[:, 1:] != -100)
     if position_ids is None: return ((tok_loss * counted).sum(1) / counted.sum(1)).tolist()
@@ -366,6 +366,7 @@ def prepare_examples(cfg:Config, tok) -> tuple[list, list]:
     enc = lambda recs: [tokenize_example(r, tok, d.template, d.max_length) for r in recs]
     return enc(train), enc(val)
 
+# %% ../nbs/04_data.ipynb #c013
 def collator_for(batching:str, tokenizer):
     "The batch collator `[data] batching` names: one padding-free row, or padded batches (to a multiple of 8)"
     if batching == 'padding_free': return collate_padding_free

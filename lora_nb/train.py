@@ -6,7 +6,7 @@ Docs: https://github.com/lora-nb/lora_nb/training.html.md"""
 
 # %% ../nbs/09_training.ipynb #c003
 from __future__ import annotations
-import json, math, os, shutil, time, warnings
+import json, math, os, shutil, time
 from datetime import datetime
 from pathlib import Path
 
@@ -129,9 +129,10 @@ class ConsoleLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
         if 'eval_loss' in logs: self.eval_loss = logs['eval_loss']
-        if 'loss' not in logs or not state.is_world_process_zero: return
+        if not state.is_world_process_zero or not ('loss' in logs or 'eval_loss' in logs): return
         if not self.header: self.out(self.line(self.COLUMNS)); self.header = True
-        self.out(self.line(self.row(state, logs)))
+        if 'loss' in logs: self.out(self.line(self.row(state, logs)))
+        else: self.out(self.line((f"{state.global_step}/{state.max_steps}", '-', f"{self.eval_loss:.4f}", *'-' * 4)))
     def row(self, state, logs) -> tuple:
         done = state.global_step - self.step0
         left = (time.time() - self.t0) / done * (state.max_steps - state.global_step) if done else None
@@ -161,7 +162,7 @@ class LivePlot(TrainerCallback):
         else: self.handle.update(fig)
         plt.close(fig)
 
-# %% ../nbs/09_training.ipynb #c007
+# %% ../nbs/09_training.ipynb #c008
 class DistributedChecks(TrainerCallback):
     "Stops a run whose processes are not the job asked for (at the start) or whose adapters differ (at the end)"
     def __init__(self, trainer, cfg, checkpoint=None):
@@ -239,7 +240,7 @@ def _fit(trainer, cfg:Config, checkpoint:Path|None):
         if _is_oom(e): raise TrainingError(oom_advice(cfg)) from e
         raise
 
-# %% ../nbs/09_training.ipynb #c008
+# %% ../nbs/09_training.ipynb #c009
 def run_metrics(trainer, run_dir:Path, seconds:float, n_train:int, resumed_from=None) -> dict:
     "What `metrics.json` records: steps, time, losses, throughput, parameters, processes, the monitor's findings, history"
     hist, rep = trainer.state.log_history, trainable_report(trainer.model)
@@ -264,7 +265,7 @@ def save_run(trainer, tok, run_dir:Path, metrics:dict):
         atomic_write_text(run_dir/'metrics.json', json.dumps(metrics, indent=1))
     wait_for_all()  # no process returns before rank 0 has written the run folder
 
-# %% ../nbs/09_training.ipynb #c009
+# %% ../nbs/09_training.ipynb #c010
 def train(cfg:Config, name:str|None=None, resume:bool=False, callbacks=(), plot:bool|None=None) -> Path:
     "Fine-tune a LoRA adapter as `cfg` says; returns the run folder"
     check_launch(cfg, name)  # before anything loads: refuses launches that would train otherwise than asked

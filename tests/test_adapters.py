@@ -1,18 +1,19 @@
 "Adapters: refusing a wrong base or a damaged file, switching adapters, merging (fp32, bf16, from 4-bit)."
-import json, os, shutil
+import json, os, shutil, warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
 
-from lora_nb.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_TOLERANCE, AdapterError, check_records,
-                              combine_adapters, load_adapter, logit_gap, merge_adapter, prompt_logits,
-                              read_adapter_weights, save_adapter, task_overrides, using_adapter)
+from lora_nb.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_TOLERANCE, AdapterError, OtherBaseWarning,
+                              check_records, combine_adapters, load_adapter, load_for_inference, logit_gap,
+                              merge_adapter, prompt_logits, read_adapter_weights, save_adapter, task_overrides,
+                              using_adapter)
 from lora_nb.config import load_config
 from lora_nb.infer import generate_responses
-from lora_nb.models import attach_lora, load_base, resolve_model, tiny_config
+from lora_nb.models import attach_lora, load_base, load_tokenizer, resolve_model, tiny_checkpoint, tiny_config
 
 TASKS = ('tickets', 'summary')
 
@@ -67,6 +68,39 @@ def test_adapter_with_layers_the_base_lacks(tmp_path):
     with pytest.raises(AdapterError, match=r'holds weights for 14 module\(s\) this base .* does not have, e.g. model.layers.2'):
         load_adapter(base, tmp_path/'four')
     assert not has_lora(base)
+
+
+def test_other_architecture_of_the_same_shapes(tmp_path):
+    "A Qwen3 adapter fits the tiny Llama's shapes exactly; its recorded base says Qwen3, so it is refused, naming both"
+    shape = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+             'num_key_value_heads', 'head_dim', 'tie_word_embeddings')
+    qwen3 = AutoModelForCausalLM.from_config(Qwen3Config(**{k: getattr(tiny_config(), k) for k in shape}))
+    qwen3.save_pretrained(tmp_path/'tiny-qwen3'); load_tokenizer('tiny').save_pretrained(tmp_path/'tiny-qwen3')
+    own_base = load_base(str(tmp_path/'tiny-qwen3'), training=False)[0]
+    attach_lora(own_base, r=4, alpha=8).save_pretrained(tmp_path/'adapter', save_embedding_layers=False)
+    base = tiny()
+    with pytest.raises(AdapterError, match=r"trained on '.*tiny-qwen3' \(Qwen3ForCausalLM\), but the base given is 'tiny' \(LlamaForCausalLM\)"):
+        load_adapter(base, tmp_path/'adapter')
+    assert not has_lora(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # on the base it names: no error and no warning
+        load_adapter(load_base(str(tmp_path/'tiny-qwen3'), training=False)[0], tmp_path/'adapter')
+
+
+def test_other_base_name_warns(adapters):
+    with pytest.warns(OtherBaseWarning, match=r"trained on 'tiny', put on '.*seed1'"):
+        model = load_adapter(load_base(str(tiny_checkpoint(seed=1)), training=False)[0], adapters['tickets'])
+    assert list(model.peft_config) == ['default']  # a warning, not a refusal
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', OtherBaseWarning)  # the built-in name's own folder is the same base
+        load_adapter(load_base(resolve_model('tiny'), training=False)[0], adapters['tickets'])
+
+
+def test_load_for_inference_checks(adapters):
+    model, tok = load_for_inference(adapter=adapters['summary'], cfg=load_config(profile='fast'))
+    assert model.name_or_path == 'tiny' and not model.training
+    with pytest.raises(AdapterError, match='does not fit this base'):
+        load_for_inference('smollm2-135m', adapters['summary'], load_config(profile='fast'))
 
 
 # --- damaged files ------------------------------------------------------------------------------------------------
@@ -186,7 +220,7 @@ def test_combine_cat_is_the_sum_and_deterministic(adapters, tmp_path):
     again = load_adapter(tiny(), saved)
     with using_adapter(model, 'mix'):
         assert logit_gap(prompt_logits(model, tok, check_records(1)), prompt_logits(again, tok, check_records(1))) < 1e-6
-    with pytest.raises(FileExistsError):
+    with pytest.raises(AdapterError, match='already exists'):
         save_adapter(model, saved, 'mix')
 
 
@@ -213,7 +247,7 @@ def test_merge_bf16_and_refusals(adapters, tmp_path):
     assert s['merge_max_abs_diff'] <= MERGE_TOLERANCE  # the merge itself is fp32; rounding comes after
     assert next(load_base(str(out), dtype='bfloat16', training=False)[0].parameters()).dtype == torch.bfloat16
     assert json.loads((out/'config.json').read_text())['dtype'] == 'bfloat16'
-    with pytest.raises(FileExistsError, match='already exists'):
+    with pytest.raises(AdapterError, match='already exists'):
         merge_adapter(adapters['tickets'], out)
     with pytest.raises(ValueError, match='float32 or bfloat16'):
         merge_adapter(adapters['tickets'], tmp_path/'x', dtype='float16')

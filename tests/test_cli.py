@@ -1,4 +1,4 @@
-"The `lora-nb` command end to end on the tiny model: train -> eval -> merge -> export, and its error paths."
+"The `lora-nb` command end to end on the tiny model: train -> eval -> merge -> export, its error paths, and a quiet console."
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
@@ -12,12 +12,18 @@ def run(*args):
     return r.returncode, r.stdout, r.stderr
 
 
+def noise(err: str) -> list[str]:
+    "The lines on stderr that are not our own progress bars (tqdm redraws with \\r)"
+    return [l for l in err.replace('\r', '\n').splitlines() if l.strip() and not l.startswith('generating:')]
+
+
 @pytest.fixture(scope='module')
 def adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp('runs')
     code, stdout, err = run('train', '--name', 'cli', '--set', f'train.output_dir={out}', '--set', 'train.eval_steps=0')
     assert code == 0, err[-3000:]
     assert f'run folder: {out/"cli"}' in stdout
+    assert not noise(err), err[-3000:]  # no library warnings (DeepSpeed's accelerator line, ...) on the console
     return out/'cli'/'adapter'
 
 
@@ -50,9 +56,10 @@ def test_merge_then_export(adapter, tmp_path):
 
 
 @pytest.mark.parametrize('args, code, message', [
-    (('eval', '--adapter', '/no/such/adapter'), 1, 'no adapter_config.json'),
+    (('eval', '--adapter', '/no/such/adapter'), 1, 'lora-nb eval: error: /no/such/adapter: no such adapter folder'),
     (('merge', '--adapter', 'x'), 2, 'the following arguments are required: --output'),
-    (('export', '--output', 'x.gguf'), 1, 'give exactly one of --model MERGED_DIR or --adapter DIR'),
+    (('export', '--output', 'x.gguf'), 2, 'one of the arguments --model --adapter is required'),
+    (('export', '--model', 'm', '--adapter', 'a', '--output', 'x.gguf'), 2, 'not allowed with argument'),
     (('train', '--set', 'data.train_file=/no/such.jsonl'), 1, '/no/such.jsonl'),
     (('frobnicate',), 2, "invalid choice: 'frobnicate'"),
 ])
@@ -92,6 +99,7 @@ def test_demo_before_after(extra, tmp_path):
     assert result['before']['n'] == result['after']['n'] == 4
     assert result['settings']['load_in_4bit'] == bool(extra) and result['machine']['torch_threads'] >= 1
     assert ('4-bit NF4' in out) == bool(extra)
+    assert not noise(err), err[-3000:]
 
 
 def test_bench_smoke(tmp_path):
@@ -102,3 +110,46 @@ def test_bench_smoke(tmp_path):
     assert last == json.loads((tmp_path/'b.json').read_text())
     assert sorted(last['recipes']) == ['lora_fp32', 'lora_nb', 'qlora', 'qlora_no_gc', 'seed', 'trl']
     assert all(last[k] is not None for k in ('speedup_vs_seed_recipe', 'speedup_vs_trl_default', 'roofline_fraction', 'qlora_to_lora_memory'))
+
+
+# --- an adapter on the wrong base: one line from every subcommand that takes an adapter --------------------------
+
+SHARED_SHAPE = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+                'num_key_value_heads', 'head_dim', 'tie_word_embeddings', 'bos_token_id', 'eos_token_id', 'pad_token_id')
+
+
+@pytest.fixture(scope='module')
+def wrong_base(tmp_path_factory):
+    "{kind: (adapter, what the error must say)} for two adapters the tiny Llama is the wrong base for"
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    from lora_nb.models import attach_lora, load_tokenizer, tiny_config
+    d = tmp_path_factory.mktemp('wrong-base')
+    narrow = AutoModelForCausalLM.from_config(tiny_config(hidden_size=32, head_dim=8))  # other shapes
+    narrow.name_or_path = 'tiny-narrow'
+    attach_lora(narrow, r=4, alpha=8).save_pretrained(d/'narrow', save_embedding_layers=False)
+    qwen3 = AutoModelForCausalLM.from_config(Qwen3Config(**{k: getattr(tiny_config(), k) for k in SHARED_SHAPE}))  # same shapes
+    qwen3.save_pretrained(d/'tiny-qwen3'); load_tokenizer('tiny').save_pretrained(d/'tiny-qwen3')
+    qwen3.name_or_path = str(d/'tiny-qwen3')
+    attach_lora(qwen3, r=4, alpha=8).save_pretrained(d/'qwen3', save_embedding_layers=False)
+    return {'shapes': (d/'narrow', ['does not fit this base (LlamaForCausalLM, hidden size 64, 2 layers)', "trained on 'tiny-narrow'"]),
+            'architecture': (d/'qwen3', [f"trained on '{d/'tiny-qwen3'}' (Qwen3ForCausalLM), but the base given is", '(LlamaForCausalLM)'])}
+
+
+WRONG_BASE_RUNS = {
+    'eval': lambda a, out: ('eval', '--adapter', a, '--base', 'tiny', '--limit', 1, '--output', out/'eval.json'),
+    'chat': lambda a, out: ('chat', '--adapter', a, '--base', 'tiny', '-m', 'Where is order 12345?'),
+    'merge': lambda a, out: ('merge', '--adapter', a, '--base', 'tiny', '--output', out/'merged'),
+    'export': lambda a, out: ('export', '--adapter', a, '--base', 'tiny', '--output', out/'lora.gguf'),
+}
+
+
+@pytest.mark.parametrize('kind', ['shapes', 'architecture'])
+@pytest.mark.parametrize('cmd', list(WRONG_BASE_RUNS))
+def test_wrong_base_is_one_line(wrong_base, cmd, kind, tmp_path):
+    adapter, says = wrong_base[kind]
+    code, out, err = run(*WRONG_BASE_RUNS[cmd](adapter, tmp_path))
+    assert code == 1, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'lora-nb {cmd}: error: {adapter}/'), err[-3000:]
+    assert all(s in lines[0] for s in says), lines[0]
+    assert out == '' and not any(tmp_path.iterdir()), "a refused adapter printed or wrote something"

@@ -1,17 +1,18 @@
-"Dense checks of lora_nb.data (chapter 1, nbs/01_data.ipynb): shipped data, scoring, loading, validation, masking, batching."
+"Dense checks of the shipped tasks (lora_nb.tasks, nbs/03_tasks.ipynb) and the data path (lora_nb.data, nbs/04_data.ipynb): shipped data, scoring, loading, validation, masking, batching."
 import csv, json, re
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from lora_nb.config import load_config, project_root
+from lora_nb.config import data_path, load_config, project_root
 from lora_nb.data import (
-    INTENTS, MONTHS, SPLIT_SIZES, SUMMARY_CODES, TASKS, TEST_HELD_OUT_SHARE, TICKET_INSTRUCTION, WEEKDAYS, DataError, Records,
-    build_prompt, collate_padded, collate_padding_free, first_json_object, length_grouped_batches, load_splits,
-    SCORERS, pack_examples, padding_cost, per_example_loss, random_batches, read_records, score_summary, score_ticket,
-    split_records, task_file_bytes, task_splits, tokenize_example, tokenize_records, validate_records,
-    write_task_files)
+    Records, build_prompt, collate_padded, collate_padding_free, collator_for, length_grouped_batches, load_splits,
+    pack_examples, padding_cost, per_example_loss, random_batches, read_records, split_records, tokenize_example,
+    tokenize_records, validate_records)
+from lora_nb.tasks import (
+    INTENTS, MONTHS, SCORERS, SPLIT_SIZES, SUMMARY_CODES, TASKS, TEST_HELD_OUT_SHARE, TICKET_INSTRUCTION, WEEKDAYS,
+    DataError, first_json_object, score_summary, score_ticket, task_file_bytes, task_splits, write_task_files)
 
 DATA = project_root()/'data'
 
@@ -255,6 +256,17 @@ def test_load_splits_from_settings():
     assert (len(one['train']), len(one['val']), one['test']) == (1800, 200, None)
 
 
+def test_load_splits_reads_the_same_files_from_any_folder(tmp_path, monkeypatch):
+    "The one path rule (config.data_path): relative to the project root, not to the current folder"
+    (tmp_path/'data').mkdir()
+    (tmp_path/'data'/'tickets_train.jsonl').write_text(json.dumps(GOOD) + '\n')  # a decoy the old fallback would read
+    monkeypatch.chdir(tmp_path)
+    assert len(load_splits(load_config(profile='').data)['train']) == SPLIT_SIZES['train']
+    absolute = load_config(profile='', overrides=[f"data.train_file={tmp_path/'data'/'tickets_train.jsonl'}"])
+    assert list(load_splits(absolute.data)['train']) == [GOOD]
+    assert data_path('data/x.jsonl') == project_root()/'data'/'x.jsonl'
+
+
 # --- validation -----------------------------------------------------------------------------------------------
 
 GOOD = dict(instruction='Triage.', input='my order #12345 is late', output='{"intent":"shipping_delay"}')
@@ -390,6 +402,13 @@ def test_collate_padding_free(examples):
     full = collate_padding_free([dict(input_ids=e['input_ids'], labels=e['input_ids']) for e in examples])
     assert full['labels'][0, starts].tolist() == [-100] * len(lens)
     assert (full['labels'] != -100).sum() == sum(lens) - len(lens)
+
+
+def test_collator_for(tok, examples):
+    assert collator_for('padding_free', tok) is collate_padding_free
+    b = collator_for('pad', tok)(examples)
+    assert b['input_ids'].shape[0] == len(examples) and b['input_ids'].shape[1] % 8 == 0
+    assert b['input_ids'].shape[1] - max(len(e['input_ids']) for e in examples) < 8
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,5 @@
-"GGUF export: round trips through transformers (and llama.cpp when installed), Q8_0 on the real model, LoRA files, Modelfile."
+"""GGUF export (lora_nb.export) and running the files (lora_nb.deploy): round trips through transformers (and llama.cpp
+when installed), Q8_0 on the real model, LoRA files and their refusals, the Ollama Modelfile."""
 import json, os
 from pathlib import Path
 
@@ -7,15 +8,19 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from lora_nb.config import load_config, project_root
-from lora_nb.data import build_prompt, read_records, TASKS
-from lora_nb.export import (ExportError, OLLAMA_TEMPLATES, export_gguf, export_lora_gguf, gguf_metadata, gguf_tensor_table,
-                            llama_cpp_generate, llama_cpp_status, llama_cpp_tokenize, llama_gguf_tensors, tokenizer_metadata, load_gguf, read_model_config,
-                            render_go_template, transformers_greedy_ids, write_modelfile)
+from lora_nb.core import LoraNbError
+from lora_nb.config import data_path, load_config
+from lora_nb.tasks import TASKS
+from lora_nb.data import build_prompt, read_records
 from lora_nb.models import attach_lora, embedded_checkpoint, load_base, resolve_model
+from lora_nb.adapters import AdapterError
+from lora_nb.export import (ExportError, check_gguf_lora, export_gguf, export_lora_gguf, gguf_metadata, gguf_tensor_table,
+                            llama_gguf_tensors, load_gguf, read_model_config, tokenizer_metadata)
+from lora_nb.deploy import (OLLAMA_TEMPLATES, export_for_ollama, llama_cpp_generate, llama_cpp_status, llama_cpp_tokenize,
+                            render_go_template, transformers_greedy_ids, write_modelfile)
 
 CFG = load_config(profile='fast')
-RECORDS = read_records(str(project_root()/CFG.data.test_file))[:8]
+RECORDS = read_records(data_path(CFG.data.test_file))[:8]
 
 
 def _stand_in(tmp: Path, **lora_kw):
@@ -112,7 +117,7 @@ def test_refusals(stand_in, tmp_path):
     (tmp_path/'qwen').mkdir(); (tmp_path/'qwen'/'config.json').write_text('{"model_type": "qwen2"}')
     with pytest.raises(ExportError, match="model_type is 'qwen2'"): export_gguf(tmp_path/'qwen', tmp_path/'q.gguf')
     with pytest.raises(ExportError, match="dtype 'q4_0'"): export_gguf(stand_in[1], tmp_path/'q.gguf', 'q4_0')
-    with pytest.raises(ExportError, match='no adapter_config.json'): export_lora_gguf(stand_in[1], tmp_path/'a.gguf')
+    with pytest.raises(AdapterError, match='adapter_config.json: missing'): export_lora_gguf(stand_in[1], tmp_path/'a.gguf')
     rope = json.loads((stand_in[1]/'config.json').read_text())
     (tmp_path/'yarn').mkdir()
     (tmp_path/'yarn'/'config.json').write_text(json.dumps({**rope, 'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}))
@@ -122,8 +127,34 @@ def test_refusals(stand_in, tmp_path):
     assert not list(tmp_path.glob('*.gguf'))
 
 
+def _variant(adapter, dest, **changes):
+    "A copy of `adapter` with `changes` in its adapter_config.json"
+    import shutil
+    shutil.copytree(adapter, dest)
+    (dest/'adapter_config.json').write_text(json.dumps({**json.loads((adapter/'adapter_config.json').read_text()), **changes}))
+    return dest
+
+
+def test_lora_refusals(stand_in, tmp_path):
+    "What llama.cpp could not apply as trained, and an adapter for another base, are refused before anything is written"
+    adapter = stand_in[0]
+    assert issubclass(ExportError, LoraNbError) and issubclass(AdapterError, LoraNbError)
+    assert check_gguf_lora(adapter)['r'] == 8
+    with pytest.raises(ExportError, match="DoRA"): export_lora_gguf(_variant(adapter, tmp_path/'dora', use_dora=True), tmp_path/'d.gguf')
+    with pytest.raises(ExportError, match=r"modules_to_save \['lm_head'\]"):
+        export_lora_gguf(_variant(adapter, tmp_path/'mts', modules_to_save=['lm_head']), tmp_path/'m.gguf')
+    with pytest.raises(AdapterError, match="not 'LORA'"): check_gguf_lora(_variant(adapter, tmp_path/'ia3', peft_type='IA3'))
+    with pytest.raises(AdapterError, match=r"does not fit this base \(LlamaForCausalLM, hidden size 576, 30 layers\)"):
+        export_lora_gguf(adapter, tmp_path/'w.gguf', base='smollm2-135m')
+    (tmp_path/'no_base').mkdir()
+    with pytest.raises(AdapterError, match='base_model_name_or_path is empty'):
+        export_lora_gguf(_variant(adapter, tmp_path/'no_base'/'a', base_model_name_or_path=None), tmp_path/'n.gguf')
+    assert not list(tmp_path.glob('*.gguf')) and not list(tmp_path.glob('.*.tmp'))
+
+
 def test_modelfile(stand_in, tmp_path):
-    f = export_gguf(stand_in[1], tmp_path/'ticket.gguf', 'q8_0', ollama=True, cfg=CFG)
+    f = export_for_ollama(stand_in[1], tmp_path/'ticket.gguf', 'q8_0', CFG)
+    assert f == tmp_path/'ticket.gguf' and gguf_metadata(f)['general.file_type'] == 7  # MOSTLY_Q8_0
     text = (tmp_path/'Modelfile').read_text()
     assert 'FROM ./ticket.gguf\n' in text and 'PARAMETER stop "<|im_end|>"\nPARAMETER stop "###"\n' in text
     assert f'SYSTEM """{TASKS["tickets"]["instruction"]}"""' in text and 'PARAMETER temperature 0\n' in text
@@ -198,7 +229,7 @@ def test_sentencepiece_tokenizer_llama2_style(tmp_path):
     "A Llama 2 style tokenizer (SentencePiece BPE, byte fallback): scores and token types as SentencePiece's own"
     import sentencepiece as spm
     from transformers import AutoTokenizer
-    text = [r['instruction'] + '\n' + r['input'] + '\n' + r['output'] for r in read_records(str(project_root()/CFG.data.train_file))]
+    text = [r['instruction'] + '\n' + r['input'] + '\n' + r['output'] for r in read_records(data_path(CFG.data.train_file))]
     src = tmp_path/'spm'; src.mkdir()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(src/'tokenizer'), vocab_size=1000, model_type='bpe',
                                    byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,

@@ -1,11 +1,12 @@
-"Memory estimates (lora_nb.memory): config sources, parts, processes, formatting, and one real measurement."
+"Memory estimates (lora_nb.memory): config sources, parts, processes, DDP traffic, formatting, and real measurements."
 import json, math
 
 import pytest
 from transformers import LlamaConfig
 
-from lora_nb.memory import (ModelShape, estimate_memory, format_estimate, lora_tensor_sizes, max_batch,
-                            measure_peak_memory, model_shape, nf4_bytes, optimizer_bytes)
+from lora_nb.memory import (ModelShape, estimate_memory, format_estimate, gradient_bytes, lora_tensor_sizes, max_batch,
+                            measure_ddp_bytes, measure_peak_memory, model_shape, nf4_bytes, optimizer_bytes,
+                            ring_allreduce_bytes, zero_memory_rows, _readable)
 
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
              "num_hidden_layers": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
@@ -111,3 +112,27 @@ def test_mixed_precision_and_logit_tokens():
     assert lora.activations - answers.activations == (1024 - 100) * (12 * V + 8)
     assert 'bf16 weight copies (autocast)' in lora.activation_parts
     with pytest.raises(ValueError, match='bf16-mixed'): estimate_memory('tiny', dtype='int4')
+
+
+def test_ddp_traffic_arithmetic():
+    assert gradient_bytes('tiny', 'lora', 16) == 4 * sum(lora_tensor_sizes(model_shape('tiny'), 16))
+    assert gradient_bytes(LLAMA2_7B, 'full', grad_bytes=2) == 2 * 6_738_415_616
+    assert [ring_allreduce_bytes(1000, n) for n in (1, 2, 4, 8)] == [0, 1000, 1500, 1750]
+
+
+def test_ddp_hook_counts_only_the_adapter():
+    "One DDP step of the tiny model in a fresh process: the all-reduced bytes are the trainable ones, as computed"
+    steps = measure_ddp_bytes('tiny', 8)
+    lora, full = steps['LoRA r=8'], steps['full fine-tuning']
+    assert lora['allreduced_bytes'] == lora['trainable_bytes'] == gradient_bytes('tiny', 'lora', 8)
+    assert full['allreduced_bytes'] == full['trainable_bytes'] and full['frozen_bytes'] == 0
+
+
+def test_zero_rows_readable_from_the_package():
+    "zero_memory_rows and _readable as the package exports them (_readable once called a name memory did not import)"
+    rows = zero_memory_rows(LLAMA2_7B, 4, seq=64)
+    assert [(r['mode'], r['processes']) for r in rows] == [('1 process', 1), ('DDP', 4), ('ZeRO-2', 4), ('ZeRO-3', 4)]
+    assert rows[3]['weights'] < rows[2]['weights'] == rows[1]['weights']
+    shown = _readable(rows)
+    assert all(r['processes'] == o['processes'] for r, o in zip(shown, rows))
+    assert all(isinstance(v, str) and v.endswith(('MB', 'GB')) for r in shown for k, v in r.items() if k not in ('mode', 'processes'))

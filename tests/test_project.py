@@ -1,5 +1,5 @@
 "Project-level checks: notebooks and package in sync, notebooks clean, README generated from index.ipynb."
-import filecmp, shutil, subprocess, sys
+import ast, filecmp, re, shutil, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,3 +42,53 @@ def test_every_notebook_is_exported_or_index():
     for nb in sorted((ROOT/'nbs').glob('*.ipynb')):
         if nb.name == 'index.ipynb' or nb.name.startswith('_'): continue
         assert '#| default_exp' in nb.read_text(), f"{nb.name} has no #| default_exp"
+
+
+# The package's structure: checks that fail the build instead of a user's run.
+PKG = ROOT/'lora_nb'
+MODULES = sorted(p.stem for p in PKG.glob('*.py') if not p.stem.startswith('_'))
+
+
+def test_no_undefined_or_unused_names():
+    "ruff's undefined-name (F821) and unused-import (F401) rules: a name a module uses but never imports fails here"
+    r = subprocess.run([BIN/'ruff', 'check', '--no-cache', '--select', 'F821,F401', '--output-format', 'concise', str(PKG)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _import_alone(module):
+    return module, subprocess.run([sys.executable, '-c', f'import lora_nb.{module}'], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_each_module_imports_alone_and_quietly():
+    "Every module imports in a fresh interpreter on its own (no hidden reliance on import order), printing nothing"
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as ex: results = list(ex.map(_import_alone, MODULES))
+    failed = {m: r.stderr[-1500:] for m, r in results if r.returncode or r.stderr or r.stdout}
+    assert not failed, failed
+
+
+def _chapter(module) -> int:
+    m = re.search(r"# %% \.\./nbs/(\d+)_", (PKG/f'{module}.py').read_text())
+    assert m, f"lora_nb/{module}.py has no nbdev export header"
+    return int(m.group(1))
+
+
+def _package_imports(module) -> set:
+    "The lora_nb modules `module` imports, at the top or inside functions"
+    out = set()
+    for n in ast.walk(ast.parse((PKG/f'{module}.py').read_text())):
+        if isinstance(n, ast.ImportFrom) and n.level == 1: out |= {n.module.split('.')[0]} if n.module else {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and (n.module or '').startswith('lora_nb'):
+            rest = n.module.split('.')[1:]
+            out |= {rest[0]} if rest else {a.name for a in n.names}
+        elif isinstance(n, ast.Import): out |= {a.name.split('.')[1] for a in n.names if a.name.startswith('lora_nb.')}
+    return out & set(MODULES)
+
+
+def test_imports_flow_in_chapter_order():
+    "A module imports only modules of earlier chapters (so there is no cycle), also inside functions"
+    chapters = {m: _chapter(m) for m in MODULES}
+    late = [f"{m} (chapter {chapters[m]}) imports {d} (chapter {chapters[d]})"
+            for m in MODULES for d in sorted(_package_imports(m)) if chapters[d] >= chapters[m] and d != m]
+    assert not late, late

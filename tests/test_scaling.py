@@ -58,8 +58,10 @@ def test_two_processes_equal_one(reference, tmp_path):
     assert 'DDP over gloo, 2 processes' in r.stdout
     d, m = assert_equal_to(reference, tmp_path/'two')
     assert (m['distributed'], m['backend'], m['rank_weight_max_diff']) == ('DDP', 'gloo', 0.0)  # both ranks identical
-    # only rank 0 wrote: one TensorBoard file, one printed result, no staging left behind
-    assert len(list((tmp_path/'two'/'tb').iterdir())) == 1
+    # only rank 0 wrote: TensorBoard files of one process (the Trainer's and the monitor's), one printed result,
+    # no staging left behind
+    events = list((tmp_path/'two'/'tb').glob('events.out.tfevents.*'))
+    assert events and len({f.name.split('.')[-2] for f in events}) == 1, events  # ...tfevents.<time>.<host>.<pid>.<n>
     assert r.stdout.count('run folder:') == 1 and not (tmp_path/'two'/'.staging').exists()
     print(f"2 processes: {time.time() - t0:.1f} s, {d}")
 
@@ -231,10 +233,20 @@ def test_silent_fallback_reproduced_and_refused(trap, trap_runs):
 
 def test_world_problems_on_the_trap_values():
     "What check_world says for the third trap's values (WORLD_SIZE=2, accelerate: one process, NO), and when all is well"
-    from lora_nb.scaling import world_problems
+    from lora_nb.distributed import world_problems
     assert 'each process would train alone' in world_problems(2, 1, 'NO')[0]
     assert world_problems(2, 2, 'MULTI_CPU') == [] and world_problems(1, 1, 'NO') == []
     assert 'train.deepspeed = zero3 but training runs DDP' in world_problems(2, 2, 'MULTI_CPU', 0, 3)[0]
+
+
+def test_train_alone_does_not_start_processes(tmp_path):
+    "train() runs in the process that calls it: asked for 2 processes without a launcher, it refuses before loading"
+    from lora_nb.config import load_config
+    from lora_nb.distributed import ScalingError
+    from lora_nb.train import train
+    cfg = load_config(overrides=['train.processes=2', f'train.output_dir={tmp_path}'])
+    with pytest.raises(ScalingError, match='lora_nb.scaling.launch_training'): train(cfg, name='alone')
+    assert not (tmp_path/'alone').exists()
 
 
 def test_deepspeed_on_one_process_is_refused(trap_runs):

@@ -25,10 +25,7 @@ def expected_points(log_history: list) -> dict:
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
     "A fast-profile training run (tiny model) in a temporary output folder; returns the run folder"
-    try: from lora_nb.train import train
-    except ModuleNotFoundError as e:
-        if e.name != 'lora_nb.train': raise
-        pytest.skip('lora_nb.train is not exported yet (nbs/03_training.ipynb): this test runs once it exists')
+    from lora_nb.train import train
     from lora_nb.config import load_config
     out = tmp_path_factory.mktemp('runs')
     cfg = load_config(profile='fast', overrides=[f'train.output_dir={out}'])
@@ -100,3 +97,10 @@ def test_tensorboard_serves_every_logged_scalar(tiny_run, tensorboard):
     run, served = served_points(tensorboard, list(TAGS))
     assert_same_points(served, want, f'TensorBoard (run {run!r}) vs metrics.json')
     print({tag: len(p) for tag, p in served.items()})
+
+
+def test_monitor_scalars_are_in_the_run(tiny_run):
+    "`train` attaches the TrainingMonitor by default: its split gradient norms sit beside the Trainer's scalars"
+    from lora_nb.monitors import read_scalars
+    tags = set(read_scalars(tiny_run))
+    assert {'monitor/grad_norm_attention', 'monitor/grad_norm_mlp', 'monitor/update_ratio_mlp'} <= tags, sorted(tags)

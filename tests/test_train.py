@@ -1,5 +1,5 @@
 "Training: resume after SIGKILL, bad settings from the command line, the adapter that `train` writes."
-import json, os, signal, subprocess, sys, time
+import json, os, re, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
@@ -66,7 +66,8 @@ def test_bad_settings_fail_in_one_line(tmp_path, setting, message):
 
 def test_trained_adapter_loads_and_changes_generations(tmp_path):
     from lora_nb.config import load_config
-    from lora_nb.infer import load_for_inference, generate_responses
+    from lora_nb.infer import generate_responses
+    from lora_nb.adapters import load_for_inference
     from lora_nb.data import read_records
     subprocess.run(_train_cmd(tmp_path, 'gen', 8, '--set', 'train.lr=1e-2'), env=ENV, check=True, capture_output=True)
     cfg = load_config(profile='fast')
@@ -78,3 +79,19 @@ def test_trained_adapter_loads_and_changes_generations(tmp_path):
     before = generate_responses(base, tok, recs, max_new_tokens=8)
     after = generate_responses(tuned, tok, recs, max_new_tokens=8)
     assert before != after
+
+
+def test_console_shows_one_aligned_line_per_log_and_the_monitor_reports(tmp_path):
+    "`lora-nb train` prints a header and one line per logging step (no dict reprs); the monitor's record is in metrics.json"
+    r = subprocess.run(_train_cmd(tmp_path, 'lines', 4, '--set', 'train.eval_steps=2'), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.split() == ['step', 'loss', 'eval', 'loss', 'lr', 'grad', 'norm', 'tok/s', 'left'])
+    rows = [l for l in lines[header + 1:] if re.match(r'\s+\d+/4 ', l)]
+    assert [l.split()[0] for l in rows if l.split()[1] != '-'] == ['1/4', '2/4', '3/4', '4/4']
+    assert len({len(l) for l in rows}) == 1 and len(rows[0]) == len(lines[header]), "columns not aligned"
+    assert "{'loss'" not in r.stdout + r.stderr and "'learning_rate'" not in r.stdout + r.stderr
+    m = json.loads((tmp_path/'lines'/'metrics.json').read_text())
+    assert m['monitor_findings'] == [] and m['world_size'] == 1
+    scalars = [p.name for p in (tmp_path/'lines'/'tb').rglob('events.out.tfevents.*')]
+    assert scalars, "no TensorBoard event files"

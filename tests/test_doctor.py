@@ -1,16 +1,13 @@
-"The doctor (lora_nb.diagnostics): every check fires on the faulty situation it is about, and not on a clean setup."
-import math
-
+"The doctor (lora_nb.doctor, nbs/10_doctor.ipynb): every check fires on the faulty situation it is about, and not on a clean setup."
 import pytest
 import torch
 
 from lora_nb.config import load_config, save_config
 from lora_nb.data import collate_padded, load_splits
-from lora_nb.diagnostics import (SYMPTOMS, Finding, TrainingDiverged, TrainingMonitor, check_batches, check_data,
-                                 check_log_history, check_memory, check_model, check_optimization, check_precision,
-                                 check_template, diagnose, find_overfitting, format_findings, has_errors,
-                                 history_from_scalars, loss_plateau, read_scalars)
+from lora_nb.doctor import (SYMPTOMS, check_batches, check_data, check_memory, check_model, check_optimization,
+                            check_precision, check_template, diagnose, format_findings)
 from lora_nb.models import attach_lora, load_base, load_tokenizer
+from lora_nb.monitors import Finding, has_errors
 
 
 @pytest.fixture(scope='module')
@@ -55,7 +52,7 @@ def test_missing_device():
     assert checks(check_precision(fast('model.device=cuda'))) == ['device']
 
 def test_4bit_where_bitsandbytes_cannot_run(monkeypatch):
-    import lora_nb.diagnostics as d
+    import lora_nb.doctor as d
     monkeypatch.setattr(d, 'bnb_4bit_problem', lambda device: 'no 4-bit kernels for this device')
     found = check_precision(fast('quant.load_in_4bit=true'))
     assert checks(found) == ['quantization'] and has_errors(found) and 'no 4-bit kernels' in found[0].evidence
@@ -140,44 +137,6 @@ def test_memory_does_not_fit(cfg):
     assert checks(check_memory(cfg, available=10_000_000)) == ['memory']
 
 
-def test_log_history_checks():
-    falling = [{'step': s, 'loss': 2.0 * 0.99 ** s} for s in range(1, 101)]
-    evals = [{'step': s, 'eval_loss': 1.0 + 1e-5 * (s - 40) ** 2} for s in range(20, 101, 20)]
-    o = find_overfitting(falling + evals)
-    assert o['step'] == 40 and o['last_train_loss'] < o['train_loss_at_best']
-    assert checks(check_log_history(falling + evals)) == ['overfitting']
-    flat = [{'step': s, 'loss': 2.5} for s in range(1, 30)]
-    assert checks(check_log_history(flat)) == ['loss-plateau']
-    assert loss_plateau([(s, 2.5) for s in range(1, 10)]) is None  # not enough steps to tell
-    assert checks(check_log_history([{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': math.nan}])) == ['nan-loss']
-    rising_train = [{'step': s, 'loss': 1.0 + s / 100} for s in range(1, 101)]
-    assert find_overfitting(rising_train + evals) is None  # both rising: not overfitting
-
-
-def test_monitor_stops_on_nan_and_warns_on_plateau():
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-    args, control, mon = TrainingArguments(output_dir='/tmp/unused', report_to='none', use_cpu=True), TrainerControl(), TrainingMonitor(plateau_steps=10)
-    state = TrainerState()
-    with pytest.warns(UserWarning, match='loss has stayed at'):
-        for step in range(1, 12):
-            state.global_step = step
-            mon.on_log(args, state, control, logs={'loss': 2.5, 'learning_rate': 1e-4, 'grad_norm': 1.0})
-    assert len(mon.warnings) == 1 and len(mon.history) == 11
-    state.global_step = 12
-    with pytest.raises(TrainingDiverged, match='step 12: the loss is inf'):
-        mon.on_log(args, state, control, logs={'loss': math.inf})
-
-
-def test_tensorboard_round_trip(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-    w = SummaryWriter(str(tmp_path/'tb'))
-    for s in range(1, 6): w.add_scalar('train/loss', 3.0 - 0.1 * s, s)
-    w.add_scalar('eval/loss', 2.9, 5); w.close()
-    hist = history_from_scalars(read_scalars(tmp_path))
-    assert [h['step'] for h in hist if 'loss' in h] == [1, 2, 3, 4, 5]
-    assert [(h['step'], round(h['eval_loss'], 4)) for h in hist if 'eval_loss' in h] == [(5, 2.9)]
-
-
 def test_format_and_symptoms():
     fs = [Finding('warning', 'padding-waste', '80% padding', '--set data.batching=padding_free'),
           Finding('error', 'eos-masked', 'EOS masked', 'fix it')]
@@ -191,3 +150,14 @@ def test_format_and_symptoms():
 def test_unreadable_training_data(tok):
     found = diagnose(fast('data.train_file=data/no_such_file.jsonl', 'data.val_file='), tokenizer=tok)
     assert checks(found) == ['records'] and has_errors(found)
+
+
+def test_doctor_reads_data_by_the_path_rule_not_the_current_folder(tok, tmp_path, monkeypatch):
+    "The doctor and train read the same files: relative data paths are resolved against the project root"
+    (tmp_path/'data').mkdir()
+    (tmp_path/'data'/'tickets_train.jsonl').write_text('not json\n')  # what a current-folder fallback would read
+    (tmp_path/'data'/'only_here.jsonl').write_text('{"instruction": "a", "output": "b"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert 'records' not in checks(diagnose(fast(), tokenizer=tok))
+    found = diagnose(fast('data.train_file=data/only_here.jsonl', 'data.val_file='), tokenizer=tok)
+    assert checks(found) == ['records'] and 'file not found' in found[0].evidence
