@@ -6,9 +6,13 @@ Docs: https://github.com/lora-nb/lora_nb/distributed.html.md"""
 
 # %% ../nbs/08_distributed.ipynb #c003
 from __future__ import annotations
-import json, os, socket, warnings
+import importlib, importlib.util, json, os, socket, warnings
+from datetime import timedelta
+from importlib.resources import files
 from pathlib import Path
 from .core import LoraNbError
+# torch and deepspeed are imported inside the functions that use them: the command line reads the ranks and
+# checks a launch with this module before anything heavy loads
 
 # %% auto #0
 __all__ = ['processes_asked', 'process_rank', 'is_main_process', 'machines_asked', 'free_port', 'ScalingError', 'uses_cuda',
@@ -57,7 +61,7 @@ class ScalingError(LoraNbError, RuntimeError):
 
 def uses_cuda(cfg) -> bool:
     "Will training run on CUDA GPUs?"
-    import torch
+    import torch  # heavy: see the imports
     return cfg.model.device != 'cpu' and torch.cuda.is_available()
 
 def launch_problems(cfg, name:str|None=None, env=None, cuda:bool|None=None) -> list[str]:
@@ -76,7 +80,6 @@ def launch_problems(cfg, name:str|None=None, env=None, cuda:bool|None=None) -> l
         out.append("`accelerate launch --use_deepspeed` without lora_nb's setting: choose the stage with --set "
                    "train.deepspeed=zero2 or zero3 (lora_nb ships the configs) and launch with --multi_gpu or torchrun")
     if ds != 'none':
-        import importlib.util
         if importlib.util.find_spec('deepspeed') is None:
             out.append(f"train.deepspeed = {ds} needs DeepSpeed: pip install 'lora-nb[deepspeed]'")
         elif n == 1:
@@ -108,7 +111,6 @@ def quiet_deepspeed(cuda:bool, env=None):
 
 def _skip_deepspeed_shm_build():
     "Skip DeepSpeed's CPU shared-memory all-reduce (used only for inference), and its deprecated-collective warnings"
-    import importlib
     ds_torch = importlib.import_module('deepspeed.comm.torch')  # `import ... as` gives torch: deepspeed.comm re-exports it
     if hasattr(ds_torch, 'build_shm_op'): ds_torch.build_shm_op = lambda: None
     warnings.filterwarnings('ignore', message=r'`torch\.distributed\.\w+` is deprecated', category=FutureWarning)
@@ -138,7 +140,6 @@ def world_problems(asked:int, running:int, distributed_type, stage:int=0, want_s
 # %% ../nbs/08_distributed.ipynb #c044
 def deepspeed_config_path(setting:str) -> Path:
     "The DeepSpeed config lora_nb ships for `[train] deepspeed = zero2 | zero3`"
-    from importlib.resources import files
     if setting not in ('zero2', 'zero3'): raise ValueError(f"train.deepspeed = {setting!r}: lora_nb ships zero2 and zero3")
     return Path(str(files('lora_nb')/f'ds_{setting}.json'))
 
@@ -148,8 +149,7 @@ def deepspeed_config(setting:str) -> dict:
 
 def join_processes(timeout_s:int):
     "Join this process to the job over gloo with a collective timeout (env:// rendezvous, as the launcher set it up)"
-    import torch.distributed as dist
-    from datetime import timedelta
+    import torch.distributed as dist  # heavy: see the imports
     if not dist.is_initialized(): dist.init_process_group('gloo', timeout=timedelta(seconds=timeout_s))
 
 def prepare_distributed(cfg, env=None) -> dict:
@@ -168,12 +168,12 @@ def zero_stage(trainer) -> int:
     return int(trainer.accelerator.state.deepspeed_plugin.zero_stage)
 
 def _backend() -> str:
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: see the imports
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else 'none'
 
 def checkpoint_problems(checkpoint) -> list[str]:
     "Every process must resume from the same checkpoint (a collective: call on every rank)"
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: see the imports
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return []
     seen = [None] * dist.get_world_size()
     dist.all_gather_object(seen, Path(checkpoint).name if checkpoint else None)
@@ -206,13 +206,13 @@ def check_world(trainer, cfg, checkpoint=None, env=None, out=print) -> dict:
 def sum_over_ranks(accelerator, *counts) -> list[int]:
     "Per-process counts added up over all processes (a collective: every process calls it at the same point)"
     if accelerator.num_processes == 1: return list(counts)
-    import torch
+    import torch  # heavy: see the imports
     total = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), reduction='sum')
     return [int(x) for x in total.tolist()]
 
 def wait_for_all():
     "Wait until every process of the job gets here (nothing to wait for in one process)"
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: see the imports
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
 
 def weights_sharded(trainer) -> bool:
@@ -223,7 +223,7 @@ def ranks_weight_gap(trainer) -> float|None:
     "Largest difference between any process's trainable weights and rank 0's (None when each holds only a shard)"
     if trainer.accelerator.num_processes == 1: return 0.0
     if weights_sharded(trainer): return None
-    import torch, torch.distributed as dist
+    import torch, torch.distributed as dist  # heavy: see the imports
     mine = torch.cat([p.detach().reshape(-1).float() for p in trainer.model.parameters() if p.requires_grad])
     rank0 = mine.clone(); dist.broadcast(rank0, src=0)
     gap = (mine - rank0).abs().max()
@@ -242,7 +242,7 @@ def gathered_adapter_state(trainer) -> dict|None:
     if not weights_sharded(trainer): return None
     if zero_stage(trainer) != 3:  # FSDP (CUDA only): accelerate gathers the full state dict; PEFT keeps the adapter's part
         return trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    import deepspeed
+    import deepspeed  # optional: only under ZeRO-3
     named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in named]):
         return {n: p.detach().clone() for n, p in named}
