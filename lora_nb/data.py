@@ -287,7 +287,7 @@ def collate_padding_free(examples:list) -> dict:
 # %% ../nbs/04_data.ipynb #c120
 def per_example_loss(logits, labels, position_ids=None) -> list:
     "Mean next-token loss of each example: per row, or per segment of a padding-free row (`position_ids`)"
-    import torch, torch.nn.functional as F  # heavy: only when losses are computed
+    import torch.nn.functional as F  # heavy: only when losses are computed
     tok_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction='none', ignore_index=-100)
     counted = (labels[:, 1:] != -100)
     if position_ids is None: return ((tok_loss * counted).sum(1) / counted.sum(1)).tolist()

@@ -7,10 +7,9 @@ Docs: https://github.com/lora-nb/lora_nb/doctor.html.md"""
 # %% ../nbs/10_doctor.ipynb #c003
 from __future__ import annotations
 import math
-from pathlib import Path
 import torch
 from .core import DeviceError, machine_info, pick_device, pick_precision, resolve_dtype
-from .config import load_config, run_config
+from .config import run_config
 from .lora import lora_scaling
 from .data import collator_for, load_splits, token_stats, tokenize_example, validate_records
 from .models import TargetError, attach_lora_from, load_base_from, load_tokenizer, trainable_report
