@@ -142,11 +142,11 @@ def cmd_export(args):
         from lora_nb.export import export_lora_gguf  # torch: imported on use
         path = export_lora_gguf(args.adapter, args.output, base=args.base)
     elif args.ollama or cfg.export.ollama:
-        from lora_nb.deploy import export_for_ollama
+        from lora_nb.deploy import export_for_ollama  # torch: imported on use
         path = export_for_ollama(args.model, args.output, args.dtype or cfg.export.dtype, cfg)
         print(f"written: {Path(path).parent/'Modelfile'}")
     else:
-        from lora_nb.export import export_gguf
+        from lora_nb.export import export_gguf  # torch: imported on use
         path = export_gguf(args.model, args.output, args.dtype or cfg.export.dtype)
     print(f"written: {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
 

@@ -333,9 +333,11 @@ def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict, weights:dict|None=None
     return out
 
 # %% ../nbs/13_export.ipynb #c074
-def _skeleton(model_dir):
-    "The model of `model_dir` without weights (meta device): its modules and shapes, to check an adapter against"
-    with torch.device('meta'): return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+def _skeleton(model_dir, name:str):
+    "The model of `model_dir` without weights (meta device), named `name`: its modules and shapes, to check an adapter against"
+    with torch.device('meta'): model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.name_or_path = name  # errors then name the base as the user did ('tiny'), not its cache folder
+    return model
 
 def export_lora_gguf(adapter_dir, # a PEFT LoRA adapter folder (save_pretrained)
                      output, # the .gguf file to write
@@ -345,7 +347,7 @@ def export_lora_gguf(adapter_dir, # a PEFT LoRA adapter folder (save_pretrained)
     a, weights = check_gguf_lora(adapter_dir), read_adapter_weights(adapter_dir)
     base_dir = resolve_model(base or base_model_name(adapter_dir))
     base_cfg = read_model_config(base_dir)
-    check_adapter_fits(_skeleton(base_dir), adapter_dir, weights, a)
+    check_adapter_fits(_skeleton(base_dir, base or base_model_name(adapter_dir)), adapter_dir, weights, a)
     md = {gguf.Keys.General.TYPE: gguf.GGUFType.ADAPTER, gguf.Keys.General.NAME: Path(adapter_dir).resolve().name,
           gguf.Keys.Adapter.TYPE: 'lora', gguf.Keys.Adapter.LORA_ALPHA: float(a['lora_alpha'])}
     tensors = [(n, t.shape, QT.F32, (lambda t=t: t)) for n, t in lora_gguf_tensors(adapter_dir, base_cfg, a, weights)]
