@@ -17,14 +17,14 @@ __all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES
            'measure_levers', 'run_levers']
 
 # %% ../nbs/15_performance.ipynb #c004
-import torch, transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments, DataCollatorForLanguageModeling
 from .core import atomic_write_text, cpu_name, machine_info, pick_device, release_free_memory, run_fresh, torch_dtype
 from .config import data_path, load_config
 from .data import read_records, build_prompt, tokenize_example, collate_padded, collate_padding_free, collator_for, length_grouped_batches
 from .models import load_base, load_base_from, attach_lora, attach_lora_from, load_tokenizer
 from .memory import _reset_rss_peak
 from .train import LoraTrainer, answer_loss, training_args
+import torch, transformers
+from transformers import Trainer, TrainerCallback, TrainingArguments, DataCollatorForLanguageModeling
 # trl, datasets, peft and bitsandbytes are imported where they are used: heavy to import, needed by few functions
 
 # %% ../nbs/15_performance.ipynb #c008

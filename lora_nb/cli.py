@@ -64,14 +64,17 @@ def add_train(sub):
 
 # %% ../nbs/18_cli.ipynb #c023
 def cmd_eval(args):
-    "Evaluate a base model or an adapter on an Alpaca-format file; prints a table, then one JSON line"
-    from lora_nb.data import read_records  # torch: imported on use
-    from lora_nb.infer import evaluate, metrics_table, save_metrics
+    "Evaluate a base model or an adapter on a file of any format: loss on what training learns, then generated answers"
+    from lora_nb.data import detect_format, read_records  # torch: imported on use
+    from lora_nb.infer import evaluate, metrics_table, save_metrics, supervised_loss
     from lora_nb.adapters import load_for_inference
     cfg = settings(args, {'eval.limit': args.limit})
     model, tok = load_for_inference(args.base, args.adapter, cfg)
     data = Path(args.data) if args.data else data_path(cfg.data.test_file)
-    m = evaluate(model, tok, read_records(data), cfg, task=args.task, progress=sys.stderr.isatty())
+    records = read_records(data)
+    task = args.task or ('file' if args.data else cfg.data.task)  # a user's file: exact match and token F1
+    m = supervised_loss(model, tok, records[:cfg.eval.limit or None], cfg)
+    if detect_format(records) != 'text': m |= evaluate(model, tok, records, cfg, task=task, progress=sys.stderr.isatty())
     print(metrics_table({'adapter' if args.adapter else 'base': m}))
     out = args.output or (Path(args.adapter)/'eval.json' if args.adapter else None)
     if out: print(f"written: {save_metrics(m, out, data=data, adapter=args.adapter, base=model.name_or_path)}")
@@ -82,9 +85,10 @@ def add_eval(sub):
     p = _subcommand(sub, cmd_eval, 'evaluate a model or adapter'); add_settings(p)
     p.add_argument('--adapter', help='LoRA adapter folder')
     p.add_argument('--base', help="base model (default: the adapter's own base, else [model] name)")
-    p.add_argument('--data', help='Alpaca-format file (default: [data] test_file)')
+    p.add_argument('--data', help='records of any format: instructions, conversations, prompt/completion, text (default: [data] test_file)')
     p.add_argument('--limit', type=int, help='first N examples only (= --set eval.limit=N)')
-    p.add_argument('--task', help='scorer to use: tickets or summary (default: [data] task)')
+    p.add_argument('--task', help="a shipped task's scorer: tickets or summary (default: [data] task for the test file; "
+                   "exact match and token F1 for --data)")
     p.add_argument('--output', help='metrics JSON file (default with --adapter: eval.json in the adapter folder)')
 
 # %% ../nbs/18_cli.ipynb #c024

@@ -63,6 +63,8 @@ class DataCfg:
     train_file: str
     val_file: str
     test_file: str
+    format: str = _opt('auto', 'instruction', 'conversations', 'prompt_completion', 'text')
+    train_on: str = _opt('all_assistant', 'last_assistant')
     template: str = _opt('alpaca', 'chat')
     max_length: int = _opt(**_pos)
     val_split: float = _opt(**_frac)

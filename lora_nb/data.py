@@ -15,12 +15,14 @@ from .config import Config, data_path
 from .tasks import DataError
 
 # %% auto #0
-__all__ = ['READERS', 'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT', 'ALPACA_PREAMBLE', 'TEMPLATES', 'REQUIRED_FIELDS',
-           'OPTIONAL_FIELDS', 'Records', 'read_records', 'split_records', 'build_prompt', 'prompt_token_counts',
-           'first_token_difference', 'ValidationReport', 'validate_records', 'prompt_response_ids', 'tokenize_example',
-           'tokenize_records', 'collate_padded', 'collate_padding_free', 'per_example_loss', 'length_grouped_batches',
-           'random_batches', 'pack_examples', 'token_stats', 'padding_cost', 'load_splits', 'prepare_examples',
-           'collator_for']
+__all__ = ['READERS', 'FORMATS', 'FORMAT_FIELDS', 'ROLES', 'SHAREGPT_ROLES', 'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT',
+           'ALPACA_PREAMBLE', 'TEMPLATES', 'REQUIRED_FIELDS', 'OPTIONAL_FIELDS', 'Records', 'read_records',
+           'split_records', 'record_format', 'detect_format', 'to_messages', 'TemplateError', 'render_chat',
+           'build_prompt', 'reference_answer', 'prompt_token_counts', 'first_token_difference', 'ValidationReport',
+           'validate_records', 'prompt_ids', 'prompt_response_ids', 'tokenize_example', 'tokenize_records',
+           'assistant_turns', 'conversation_example', 'mask_view', 'end_of_turn', 'text_examples', 'collate_padded',
+           'collate_padding_free', 'per_example_loss', 'length_grouped_batches', 'random_batches', 'pack_examples',
+           'token_stats', 'padding_cost', 'load_splits', 'prepare_examples', 'collator_for']
 
 # %% ../nbs/04_data.ipynb #c059
 class Records(list):
@@ -119,6 +121,67 @@ def split_records(records, val_fraction:float=0.1, seed:int=42) -> tuple:
     n_val = max(1, round(len(idx) * val_fraction))
     return records.subset(sorted(idx[n_val:])), records.subset(sorted(idx[:n_val]))
 
+# %% ../nbs/04_data.ipynb #c008
+FORMATS = ('instruction', 'conversations', 'prompt_completion', 'text')
+FORMAT_FIELDS = dict(conversations=('messages', 'conversations'), instruction=('instruction', 'input', 'output'),
+                     prompt_completion=('prompt', 'completion'), text=('text',))  # the first that matches wins
+_NEEDS = "instruction/input/output, messages (or ShareGPT's conversations), prompt and completion, or text"
+
+def record_format(record) -> str|None:
+    "The format a record's fields point to; None when it is not an object or has no field of any format"
+    if not isinstance(record, dict): return None
+    return next((f for f, keys in FORMAT_FIELDS.items() if any(k in record for k in keys)), None)
+
+def detect_format(records) -> str:
+    "The one format of `records` (a file); a DataError naming file and line when it is empty, mixed, or matches none"
+    records = read_records(records)
+    if not records: raise DataError(f"{records.source}: no records")
+    first = None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict): continue  # validate_records reports it, with its line
+        fmt, fields = record_format(rec), ', '.join(map(str, rec)) or 'none'
+        if fmt is None: raise DataError(f"{records.locate(i)}: fields {fields} match no format; a record needs {_NEEDS}")
+        if first is None: first = (fmt, records.where[i])
+        elif fmt != first[0]:
+            raise DataError(f"{records.locate(i)}: a {fmt} record (fields {fields}) in a file of {first[0]} records "
+                            f"(from {first[1]}): one format per file")
+    if first is None: raise DataError(f"{records.source}: no record is an object with fields; a record needs {_NEEDS}")
+    return first[0]
+
+# %% ../nbs/04_data.ipynb #c015
+ROLES = ('system', 'user', 'assistant')
+SHAREGPT_ROLES = dict(human='user', gpt='assistant', system='system')
+
+def _instruction_content(record) -> str:
+    inp = record.get('input') or ''
+    return f"{record['instruction']}\n\n{inp}" if inp.strip() else record['instruction']
+
+def to_messages(record:dict, fmt:str|None=None) -> list:
+    "The record as [{role, content}, ...]: conversations, ShareGPT, prompt/completion and instruction records"
+    fmt = fmt or record_format(record)
+    msg = lambda m: dict(role=m['role'], content=m['content'])
+    if fmt == 'conversations':
+        if 'messages' in record: return [msg(m) for m in record['messages']]
+        return [dict(role=SHAREGPT_ROLES[m['from']], content=m['value']) for m in record['conversations']]
+    if fmt == 'prompt_completion':
+        p, c = record['prompt'], record['completion']
+        prompt = [dict(role='user', content=p)] if isinstance(p, str) else [msg(m) for m in p]
+        done = c if isinstance(c, list) else [c] if isinstance(c, dict) else [dict(role='assistant', content=c)]
+        return prompt + [msg(m) for m in done]
+    if fmt == 'instruction': return [dict(role='user', content=_instruction_content(record)), dict(role='assistant', content=record['output'])]
+    raise DataError(f"a {fmt} record has no messages (fields: {', '.join(map(str, record))})")
+
+# %% ../nbs/04_data.ipynb #c018
+class TemplateError(DataError):
+    "A chat template that is missing, refuses a conversation, or cannot be split into turns"
+
+def render_chat(tokenizer, messages:list, generation_prompt:bool=False) -> str:
+    "The text of `messages` in the tokenizer's chat template, optionally followed by the opening of an assistant turn"
+    if tokenizer is None or not getattr(tokenizer, 'chat_template', None):
+        raise TemplateError("conversations need a tokenizer with a chat template; this one has none")
+    try: return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e: raise TemplateError(f"the chat template refused the conversation ({type(e).__name__}: {e})") from None
+
 # %% ../nbs/04_data.ipynb #c073
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -126,17 +189,37 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task, paired with a
                    "Write a response that appropriately completes the request.\n\n")
 TEMPLATES = ('alpaca', 'chat')
 
+def _chat_rendered(record, fmt:str, template:str) -> bool:
+    "Whether the record's prompt comes from the chat template (else: the Alpaca form, or a prompt's own text)"
+    if fmt == 'prompt_completion': return template == 'chat' or not all(isinstance(record[k], str) for k in ('prompt', 'completion'))
+    return fmt == 'conversations' or template == 'chat'
+
 def build_prompt(record:dict, template:str='alpaca', tokenizer=None) -> str:
-    "The text before the response: Alpaca (with or without the Input block) or the tokenizer's chat template"
-    instruction, inp = record['instruction'], record.get('input') or ''
-    if template == 'alpaca':
-        return (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
-    if template == 'chat':
-        if tokenizer is None or not getattr(tokenizer, 'chat_template', None):
-            raise ValueError("template='chat' needs a tokenizer that has a chat template")
-        content = f"{instruction}\n\n{inp}" if inp.strip() else instruction
-        return tokenizer.apply_chat_template([dict(role='user', content=content)], tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    "The text before the answer: an instruction as Alpaca or chat, a text prompt as is, or a conversation's history as chat"
+    fmt = record_format(record)
+    if fmt == 'instruction':
+        instruction, inp = record['instruction'], record.get('input') or ''
+        if template == 'alpaca':
+            return (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction, input=inp)
+        if template == 'chat':
+            if tokenizer is None or not getattr(tokenizer, 'chat_template', None):
+                raise ValueError("template='chat' needs a tokenizer that has a chat template")
+            return render_chat(tokenizer, [dict(role='user', content=_instruction_content(record))], generation_prompt=True)
+    if template not in TEMPLATES: raise ValueError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    if fmt not in ('conversations', 'prompt_completion'): raise DataError(f"a {fmt or 'record of no known format'} has no prompt to build")
+    if not _chat_rendered(record, fmt, template): return record['prompt']
+    messages = to_messages(record, fmt)
+    return render_chat(tokenizer, messages[:-1] if messages[-1]['role'] == 'assistant' else messages, generation_prompt=True)
+
+# %% ../nbs/04_data.ipynb #c022
+def reference_answer(record:dict) -> str:
+    "The answer a record expects: its output, its completion, or its final assistant turn"
+    fmt = record_format(record)
+    if fmt == 'instruction': return record['output']
+    if fmt not in ('conversations', 'prompt_completion'): raise DataError(f"a {fmt or 'record of no known format'} has no answer to compare with")
+    last = to_messages(record, fmt)[-1]
+    if last['role'] != 'assistant': raise DataError("the conversation does not end with an assistant turn: no answer to compare with")
+    return last['content']
 
 # %% ../nbs/04_data.ipynb #c081
 def prompt_token_counts(records, tokenizer, template:str='alpaca', prefix:str='') -> list:
@@ -164,10 +247,11 @@ class ValidationReport:
     ignored_fields: dict = field(default_factory=dict)  # extra field -> number of records having it
     conflicts: list = field(default_factory=list)    # same prompt as another record, different output
     lengths: list = field(default_factory=list)      # tokens per record (prompt + response + EOS), if a tokenizer was given
+    format: str = ''                                 # the records' format (FORMATS)
     @property
     def ok(self) -> bool: return not self.errors
     def _repr_markdown_(self):
-        out = [f"**{self.source}**: {self.n_records} records, {len(self.errors)} errors, "
+        out = [f"**{self.source}**: {self.n_records} {self.format} records, {len(self.errors)} errors, "
                f"{len(self.truncated)} longer than max_length={self.max_length}"]
         if self.lengths: out.append(f"tokens per record: min {min(self.lengths)}, mean {sum(self.lengths)/len(self.lengths):.1f}, max {max(self.lengths)}")
         if self.ignored_fields: out.append(f"ignored fields: {self.ignored_fields}")
@@ -178,30 +262,32 @@ class ValidationReport:
         return '\n\n'.join(out)
 
 # %% ../nbs/04_data.ipynb #c091
+def _text_problem(v, required:bool=True) -> str|None:
+    "What is wrong with a text field's value, or None"
+    if not isinstance(v, str): return f"must be text, got {type(v).__name__} {v!r:.40}"
+    try: v.encode('utf-8')
+    except UnicodeEncodeError as e: return f"not valid UTF-8 text ({e.reason} at character {e.start})"
+    if required and not v.strip(): return "empty"
+
+def _missing(name:str, rec:dict, known=()) -> str:
+    "'missing', with the record's closest other field when it looks like a misspelling"
+    close = difflib.get_close_matches(name, [str(k) for k in rec if k not in known], n=1, cutoff=0.6)
+    return "missing" + (f" (found {close[0]!r}: misspelled?)" if close else "")
+
 def _field_problems(rec) -> list:
-    "[(field, problem)] for one record"
+    "[(field, problem)] for one instruction record"
     if not isinstance(rec, dict): return [(None, f"expected a record (object with fields), got {type(rec).__name__}")]
-    out, known = [], REQUIRED_FIELDS + OPTIONAL_FIELDS
-    extra = [k for k in rec if k not in known]
-    for f in REQUIRED_FIELDS:
-        if f not in rec:
-            close = difflib.get_close_matches(f, [str(k) for k in extra], n=1, cutoff=0.6)
-            out.append((f, "missing" + (f" (found {close[0]!r}: misspelled?)" if close else "")))
+    known = REQUIRED_FIELDS + OPTIONAL_FIELDS
+    out = [(f, _missing(f, rec, known)) for f in REQUIRED_FIELDS if f not in rec]
     for f in known:
-        v = rec.get(f)
-        if f not in rec or (f in OPTIONAL_FIELDS and v is None): continue
-        if not isinstance(v, str): out.append((f, f"must be text, got {type(v).__name__} {v!r:.40}")); continue
-        try: v.encode('utf-8')
-        except UnicodeEncodeError as e: out.append((f, f"not valid UTF-8 text ({e.reason} at character {e.start})")); continue
-        if f in REQUIRED_FIELDS and not v.strip(): out.append((f, "empty"))
+        if f not in rec or (f in OPTIONAL_FIELDS and rec[f] is None): continue
+        if p := _text_problem(rec[f], f in REQUIRED_FIELDS): out.append((f, p))
     return out
 
 # %% ../nbs/04_data.ipynb #c094
-def validate_records(records, tokenizer=None, template:str='alpaca', max_length:int=512, raise_errors:bool=True) -> ValidationReport:
-    "Check `records` (anything `read_records` takes); raise one DataError listing every problem"
-    records = read_records(records)
-    rep = ValidationReport(records.source, len(records), max_length)
-    seen, prompts = {}, {}
+def _check_instructions(records, rep, tokenizer, template:str):
+    "The checks of instruction records, added to `rep`"
+    seen, prompts, max_length = {}, {}, rep.max_length
     for i, rec in enumerate(records):
         where = records.locate(i)
         probs = _field_problems(rec)
@@ -224,10 +310,81 @@ def validate_records(records, tokenizer=None, template:str='alpaca', max_length:
         elif n_prompt + n_resp > max_length:
             over = n_prompt + n_resp - max_length
             rep.truncated.append(dict(where=where, tokens=n_prompt + n_resp, over=over, response_tokens_lost=over))
+
+def validate_records(records, tokenizer=None, template:str='alpaca', max_length:int=512, raise_errors:bool=True,
+                     fmt:str='auto', train_on:str='all_assistant') -> ValidationReport:
+    "Check `records` (anything `read_records` takes) of format `fmt` ('auto': detected); raise one DataError listing every problem"
+    records = read_records(records)
+    rep = ValidationReport(records.source, len(records), max_length)
+    if fmt not in ('auto', *FORMATS): raise ValueError(f"unknown format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+    try: rep.format = detect_format(records) if fmt == 'auto' else fmt
+    except DataError as e:
+        if raise_errors: raise
+        rep.errors.append(str(e)); return rep
+    if rep.format == 'instruction': _check_instructions(records, rep, tokenizer, template)
+    else: _check_records(records, rep, tokenizer, template, train_on)
     if rep.errors and raise_errors:
         more = f"\n... and {len(rep.errors) - 10} more" if len(rep.errors) > 10 else ''
         raise DataError(f"{len(rep.errors)} problem(s) in {records.source}:\n" + '\n'.join(rep.errors[:10]) + more)
     return rep
+
+# %% ../nbs/04_data.ipynb #c025
+def _messages_problems(msgs, name:str, role_key:str='role', text_key:str='content', roles=ROLES) -> list:
+    "[(where, problem)] for a list of messages in field `name`"
+    if not isinstance(msgs, list) or not msgs: return [(f"field {name!r}", f"must be a non-empty list of messages, got {type(msgs).__name__} {msgs!r:.40}")]
+    out = []
+    for j, m in enumerate(msgs):
+        at = f"{name}[{j}]"
+        if not isinstance(m, dict): out.append((at, f"expected a message object, got {type(m).__name__}")); continue
+        if lacking := [k for k in (role_key, text_key) if k not in m]:
+            out.append((at, f"no {' or '.join(map(repr, lacking))} field (fields: {', '.join(map(str, m)) or 'none'})")); continue
+        if m[role_key] not in roles: out.append((at, f"{role_key} {m[role_key]!r} is not one of {', '.join(roles)}")); continue
+        if p := _text_problem(m[text_key], required=m[role_key] in ('assistant', 'gpt')): out.append((at, f"{text_key} {p}"))
+    return out
+
+def _format_problems(rec, fmt:str) -> list:
+    "[(where, problem)] for one conversations, prompt_completion or text record"
+    if not isinstance(rec, dict): return [(None, f"expected a record (object with fields), got {type(rec).__name__}")]
+    if fmt == 'text': return [(f"field 'text'", p) for p in [_missing('text', rec) if 'text' not in rec else _text_problem(rec['text'])] if p]
+    if fmt == 'conversations':
+        if 'messages' in rec: out = _messages_problems(rec['messages'], 'messages')
+        elif 'conversations' in rec: out = _messages_problems(rec['conversations'], 'conversations', 'from', 'value', tuple(SHAREGPT_ROLES))
+        else: return [("field 'messages'", _missing('messages', rec))]
+        if not out and not any(m['role'] == 'assistant' for m in to_messages(rec, fmt)): out.append((None, "no assistant turn: nothing to learn"))
+        return out
+    if out := [(f"field {k!r}", _missing(k, rec)) for k in ('prompt', 'completion') if k not in rec]: return out
+    p, c = rec['prompt'], rec['completion']
+    out = _messages_problems(p, 'prompt') if isinstance(p, list) else [("field 'prompt'", e) for e in [_text_problem(p)] if e]
+    if isinstance(c, (dict, list)):
+        msgs = c if isinstance(c, list) else [c]
+        if errs := _messages_problems(msgs, 'completion'): out += errs
+        elif len(msgs) != 1 or msgs[0]['role'] != 'assistant': out.append(("field 'completion'", "must be text or one assistant message"))
+    else: out += [("field 'completion'", e) for e in [_text_problem(c)] if e]
+    return out
+
+# %% ../nbs/04_data.ipynb #c026
+def _check_records(records, rep, tokenizer, template:str, train_on:str):
+    "The checks of conversations, prompt_completion and text records, added to `rep`"
+    seen, known = {}, FORMAT_FIELDS[rep.format]
+    for i, rec in enumerate(records):
+        where = records.locate(i)
+        probs = _format_problems(rec, rep.format)
+        rep.errors += [f"{where}" + (f", {at}" if at else '') + f": {p}" for at, p in probs]
+        if not isinstance(rec, dict) or probs: continue
+        for k in rec:
+            if k not in known: rep.ignored_fields[k] = rep.ignored_fields.get(k, 0) + 1
+        key = json.dumps([rec.get(k) for k in known], sort_keys=True)
+        if key in seen: rep.errors.append(f"{where}: duplicate of {records.where[seen[key]]}"); continue
+        seen[key] = i
+        if tokenizer is None: continue
+        try: ex = _full_example(rec, tokenizer, template, rep.format, train_on)
+        except DataError as e: rep.errors.append(f"{where}: {e}"); continue
+        n, sup = len(ex['labels']), [k for k, l in enumerate(ex['labels']) if l != -100]
+        rep.lengths.append(n)
+        if rep.format == 'text' or n <= rep.max_length: continue
+        if sup[0] >= rep.max_length:
+            rep.errors.append(f"{where}: the first supervised token is at position {sup[0]}, past max_length={rep.max_length}: nothing would be learned")
+        else: rep.truncated.append(dict(where=where, tokens=n, over=n - rep.max_length, response_tokens_lost=sum(k >= rep.max_length for k in sup)))
 
 # %% ../nbs/04_data.ipynb #c100
 def _bos(tokenizer) -> list:
@@ -236,29 +393,107 @@ def _bos(tokenizer) -> list:
     ids = tokenizer('a', add_special_tokens=True)['input_ids']
     return [bos] if bos is not None and ids and ids[0] == bos else []
 
+def prompt_ids(record:dict, tokenizer, template:str='alpaca') -> list:
+    "Token ids of `build_prompt(record)`: what the model reads before its answer, in training and at inference"
+    plain = not _chat_rendered(record, record_format(record), template)
+    return (_bos(tokenizer) if plain else []) + tokenizer(build_prompt(record, template, tokenizer), add_special_tokens=False)['input_ids']
+
 def prompt_response_ids(record:dict, tokenizer, template:str='alpaca') -> tuple:
     "(prompt ids, response ids + EOS) of a record, each tokenized on its own"
     if tokenizer.eos_token_id is None: raise ValueError("the tokenizer has no EOS token: the model could never learn to stop")
-    prompt = build_prompt(record, template, tokenizer)
-    p = (_bos(tokenizer) if template == 'alpaca' else []) + tokenizer(prompt, add_special_tokens=False)['input_ids']
-    r = tokenizer(record['output'], add_special_tokens=False)['input_ids'] + [tokenizer.eos_token_id]
-    return p, r
+    r = tokenizer(reference_answer(record), add_special_tokens=False)['input_ids'] + [tokenizer.eos_token_id]
+    return prompt_ids(record, tokenizer, template), r
 
 def _prompt_response_lengths(record, tokenizer, template) -> tuple:
     p, r = prompt_response_ids(record, tokenizer, template)
     return len(p), len(r)
 
-def tokenize_example(record:dict, tokenizer, template:str='alpaca', max_length:int=512) -> dict:
-    "input_ids = prompt + response + EOS; labels -100 on the prompt; both cut to `max_length`"
-    p, r = prompt_response_ids(record, tokenizer, template)
-    return dict(input_ids=(p + r)[:max_length], labels=([-100] * len(p) + r)[:max_length])
+def _full_example(record:dict, tokenizer, template:str, fmt:str, train_on:str) -> dict:
+    "input_ids and labels of a whole record of format `fmt`, before `max_length`"
+    if fmt == 'text':
+        ids = _bos(tokenizer) + tokenizer(record['text'], add_special_tokens=False)['input_ids'] + [tokenizer.eos_token_id]
+        return dict(input_ids=ids, labels=list(ids))
+    if fmt == 'instruction' or (fmt == 'prompt_completion' and not _chat_rendered(record, fmt, template)):
+        p, r = prompt_response_ids(record, tokenizer, template)
+        return dict(input_ids=p + r, labels=[-100] * len(p) + r)
+    return conversation_example(to_messages(record, fmt), tokenizer, 'last_assistant' if fmt == 'prompt_completion' else train_on)
+
+def tokenize_example(record:dict, tokenizer, template:str='alpaca', max_length:int=512, fmt:str='auto', train_on:str='all_assistant') -> dict:
+    "input_ids and labels (-100 where nothing is learned) of one record of any format, both cut to `max_length`"
+    fmt = record_format(record) if fmt == 'auto' else fmt
+    if fmt is None: raise DataError(f"a record with fields {', '.join(map(str, record))} matches no format; a record needs {_NEEDS}")
+    ex = _full_example(record, tokenizer, template, fmt, train_on)
+    return dict(input_ids=ex['input_ids'][:max_length], labels=ex['labels'][:max_length])
 
 # %% ../nbs/04_data.ipynb #c105
-def tokenize_records(records, tokenizer, template:str='alpaca', max_length:int=512) -> list:
-    "Validate `records`, then `tokenize_example` each one"
+def tokenize_records(records, tokenizer, template:str='alpaca', max_length:int=512, fmt:str='auto', train_on:str='all_assistant') -> list:
+    "Validate `records`, then tokenize each one (a text document: one example per `max_length` tokens)"
     records = read_records(records)
-    validate_records(records, tokenizer, template, max_length)
-    return [tokenize_example(r, tokenizer, template, max_length) for r in records]
+    fmt = validate_records(records, tokenizer, template, max_length, fmt=fmt, train_on=train_on).format
+    if fmt == 'text': return [e for r in records for e in text_examples(r, tokenizer, max_length)]
+    return [tokenize_example(r, tokenizer, template, max_length, fmt, train_on) for r in records]
+
+# %% ../nbs/04_data.ipynb #c031
+def assistant_turns(messages:list, tokenizer) -> tuple[str, list]:
+    "(text of the conversation up to its last assistant turn, [(start, end)] characters of each assistant turn: content + end of turn)"
+    turns = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
+    if not turns: raise DataError("no assistant turn: nothing to learn")
+    if turns[0] == 0: raise DataError("messages[0]: the conversation opens with an assistant turn; a user or system turn must come first")
+    whole = render_chat(tokenizer, messages[:turns[-1] + 1])
+    spans = []
+    for i in turns:
+        before, upto = render_chat(tokenizer, messages[:i], generation_prompt=True), render_chat(tokenizer, messages[:i + 1])
+        if not (whole.startswith(before) and whole.startswith(upto) and len(before) < len(upto)):
+            raise TemplateError(f"messages[{i}]: the chat template renders the conversation up to this assistant turn differently "
+                                "from the same part of the whole conversation, so the turn's tokens cannot be told apart; "
+                                "use a template whose rendering of a conversation's start is the start of its rendering")
+        turn = upto[len(before):].rstrip()
+        if turn.endswith(messages[i]['content'].strip()):
+            raise TemplateError(f"messages[{i}]: the chat template puts no end-of-turn marker after the assistant's words: "
+                                "a model trained on it could not learn to stop")
+        spans.append((len(before), len(before) + len(turn)))
+    return whole, spans
+
+# %% ../nbs/04_data.ipynb #c033
+def conversation_example(messages:list, tokenizer, train_on:str='all_assistant') -> dict:
+    "input_ids and labels of a conversation: its assistant turns (all, or the last) learned, the rest -100; not cut"
+    if train_on not in ('all_assistant', 'last_assistant'): raise ValueError(f"train_on must be all_assistant or last_assistant, got {train_on!r}")
+    whole, spans = assistant_turns(messages, tokenizer)
+    start, end = spans[-1]
+    enc = tokenizer(whole[:start], add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc['input_ids'], enc['offset_mapping']
+    labels = [-100] * len(ids)
+    turns = [i for i, m in enumerate(messages) if m['role'] == 'assistant']
+    for i, (a, b) in zip(turns, spans[:-1] if train_on == 'all_assistant' else []):
+        if any(s < x < e for s, e in offsets for x in (a, b)):
+            raise TemplateError(f"messages[{i}]: the tokenizer joins the template's text and the turn's text into one token")
+        for k, (s, e) in enumerate(offsets):
+            if a <= s < b: labels[k] = ids[k]
+    last = tokenizer(whole[start:end], add_special_tokens=False)['input_ids']
+    return dict(input_ids=ids + last, labels=labels + last)
+
+# %% ../nbs/04_data.ipynb #c035
+def mask_view(example:dict, tokenizer) -> str:
+    "The example's text with each stretch of learned tokens in ⟦ ⟧"
+    out, run = [], None
+    for t, l in zip(example['input_ids'], example['labels']):
+        if run is None or (l != -100) != run[0]: run = [l != -100, []]; out.append(run)
+        run[1].append(t)
+    return ''.join(f"⟦{tokenizer.decode(ids)}⟧" if learned else tokenizer.decode(ids) for learned, ids in out)
+
+# %% ../nbs/04_data.ipynb #c046
+def end_of_turn(tokenizer) -> str:
+    "The text the chat template puts right after an assistant's words (e.g. '<|im_end|>')"
+    whole, spans = assistant_turns([dict(role='user', content='Hi.'), dict(role='assistant', content='Hello.')], tokenizer)
+    start, end = spans[-1]
+    return whole[start:end].split('Hello.', 1)[1]
+
+# %% ../nbs/04_data.ipynb #c053
+def text_examples(record:dict, tokenizer, max_length:int=512) -> list:
+    "A text record as examples of at most `max_length` tokens, every token learned (+EOS at the document's end)"
+    ids = _full_example(record, tokenizer, None, 'text', None)['input_ids']
+    # a last piece of one token teaches nothing (an example's first token has no context to be predicted from)
+    return [dict(input_ids=ids[s:s + max_length], labels=ids[s:s + max_length]) for s in range(0, len(ids), max_length) if len(ids) - s > 1]
 
 # %% ../nbs/04_data.ipynb #c114
 def collate_padded(examples:list, pad_token_id:int, pad_to_multiple_of:int|None=None) -> dict:
@@ -325,9 +560,18 @@ def pack_examples(lengths:list, max_length:int) -> list:
     return rows
 
 # %% ../nbs/04_data.ipynb #c133
-def token_stats(records, tokenizer, template:str='alpaca') -> dict:
-    "Prompt and response (+EOS) token counts of each record: {'prompt': [...], 'response': [...]}"
-    pr = [_prompt_response_lengths(r, tokenizer, template) for r in read_records(records)]
+def _masked_learned(record, tokenizer, template, fmt, train_on) -> tuple:
+    "(tokens not learned, tokens learned) of a whole record"
+    labels = _full_example(record, tokenizer, template, fmt, train_on)['labels']
+    n = sum(l != -100 for l in labels)
+    return len(labels) - n, n
+
+def token_stats(records, tokenizer, template:str='alpaca', fmt:str='auto', train_on:str='all_assistant') -> dict:
+    "Prompt and response (+EOS) token counts of each record: {'prompt': [...], 'response': [...]} (other formats: not learned, learned)"
+    records = read_records(records)
+    fmt = detect_format(records) if fmt == 'auto' else fmt
+    pr = [_prompt_response_lengths(r, tokenizer, template) if fmt == 'instruction' else _masked_learned(r, tokenizer, template, fmt, train_on)
+          for r in records]
     return dict(prompt=[p for p, _ in pr], response=[r for _, r in pr])
 
 def _describe(xs:list) -> dict:
@@ -361,12 +605,10 @@ def prepare_examples(cfg:Config, tok) -> tuple[list, list]:
     "Tokenized (train, validation) examples for `cfg`"
     d, s = cfg.data, load_splits(cfg.data, splits=('train', 'val'))
     train, val = s['train'], s['val']
-    if cfg.train.eval_samples: val = val[:cfg.train.eval_samples]
-    for recs in (train, val): validate_records(recs, tok, d.template, d.max_length)
-    enc = lambda recs: [tokenize_example(r, tok, d.template, d.max_length) for r in recs]
-    return enc(train), enc(val)
+    if cfg.train.eval_samples: val = val.subset(range(min(cfg.train.eval_samples, len(val))))
+    return tuple(tokenize_records(recs, tok, d.template, d.max_length, d.format, d.train_on) for recs in (train, val))
 
-# %% ../nbs/04_data.ipynb #c013
+# %% ../nbs/04_data.ipynb #c149
 def collator_for(batching:str, tokenizer):
     "The batch collator `[data] batching` names: one padding-free row, or padded batches (to a multiple of 8)"
     if batching == 'padding_free': return collate_padding_free

@@ -8,7 +8,6 @@ Docs: https://github.com/lora-nb/lora_nb/demo.html.md"""
 from __future__ import annotations
 import gc, json, os, time
 from pathlib import Path
-import peft, torch, transformers
 from .core import atomic_write_text, cpu_name, cpu_flags, resolve_dtype
 from .config import Config, data_path, load_config
 from .data import read_records
@@ -16,6 +15,7 @@ from .infer import evaluate, extract_response, generate_responses, metrics_table
 from .adapters import load_for_inference
 from .train import train
 from .scaling import launch_training
+import peft, torch, transformers
 
 # %% auto #0
 __all__ = ['sample_answers', 'machine_facts', 'run_demo', 'checkpoint_adapters', 'exact_match_by_step', 'save_steps_record']

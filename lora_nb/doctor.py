@@ -142,7 +142,7 @@ def check_precision(cfg) -> list[Finding]:
 def check_data(cfg, tokenizer, records) -> list[Finding]:
     "Records valid; the share of examples `max_length` truncates; prompts that leave no answer token"
     d = cfg.data
-    rep = validate_records(records, tokenizer, d.template, d.max_length, raise_errors=False)
+    rep = validate_records(records, tokenizer, d.template, d.max_length, raise_errors=False, fmt=d.format, train_on=d.train_on)
     out = []
     no_answer = [e for e in rep.errors if 'no response token' in e]
     other = [e for e in rep.errors if e not in no_answer]
@@ -172,7 +172,8 @@ def _collate(collator, examples):
 def check_batches(cfg, tokenizer, records, collator=None, n_batches:int=4) -> list[Finding]:
     "Collate the first `n_batches` batches and check EOS labels, prompt masking, supervised tokens and padding"
     collator, B, eos = collator or collator_for(cfg.data.batching, tokenizer), cfg.train.batch_size, tokenizer.eos_token_id
-    examples = [tokenize_example(r, tokenizer, cfg.data.template, cfg.data.max_length) for r in records[:B * n_batches]]
+    d = cfg.data
+    examples = [tokenize_example(r, tokenizer, d.template, d.max_length, d.format, d.train_on) for r in records[:B * n_batches]]
     want_eos = got_eos = answer = supervised = pad = positions = 0
     empty = []
     for i in range(0, len(examples), B):
@@ -296,7 +297,7 @@ def diagnose(cfg, model=None, tokenizer=None, records=None, collator=None, run=N
     out += check_data(cfg, tokenizer, records)
     if not has_errors([f for f in out if f.check == 'records']):
         out += check_batches(cfg, tokenizer, records, collator, n_batches)
-    try: stats = token_stats(records, tokenizer, cfg.data.template)
+    try: stats = token_stats(records, tokenizer, cfg.data.template, cfg.data.format, cfg.data.train_on)
     except Exception: stats = None  # invalid records: check_data has reported them
     out += check_memory(cfg, stats=stats)
     out += check_template(cfg, tokenizer, run)

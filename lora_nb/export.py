@@ -17,6 +17,9 @@ __all__ = ['GGUF_DTYPES', 'FILE_TYPES', 'gguf_metadata', 'gguf_tensor_table', 'E
            'write_gguf', 'export_gguf', 'load_gguf', 'check_gguf_lora', 'lora_gguf_tensors', 'export_lora_gguf']
 
 # %% ../nbs/13_export.ipynb #c004
+from .core import LoraNbError, quiet_hf_loading
+from .models import resolve_model
+from .adapters import base_model_name, check_adapter_fits, read_adapter_config, read_adapter_weights
 import numpy as np
 import torch
 import gguf
@@ -26,9 +29,6 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import transformers.modeling_gguf_pytorch_utils as hf_gguf
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-from .core import LoraNbError, quiet_hf_loading
-from .models import resolve_model
-from .adapters import base_model_name, check_adapter_fits, read_adapter_config, read_adapter_weights
 
 # %% ../nbs/13_export.ipynb #c007
 def _field_value(field, max_items:int|None=None):

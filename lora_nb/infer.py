@@ -1,4 +1,4 @@
-"""Generate with the same prompt builder as training, batched on CPU, and score every field of the answer.
+"""Generate with the same prompt builder as training, batched on CPU, and score every field of the answer, or any answer a user's file expects.
 
 Docs: https://github.com/lora-nb/lora_nb/inference.html.md"""
 
@@ -6,21 +6,25 @@ Docs: https://github.com/lora-nb/lora_nb/inference.html.md"""
 
 # %% ../nbs/11_inference.ipynb #c003
 from __future__ import annotations
-import json, time
+import json, math, re, time
+from collections import Counter
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'AnswerOver', 'generate_responses', 'extract_response', 'score_responses', 'evaluate',
-           'load_inference_base', 'metrics_table', 'save_metrics', 'reply']
+__all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'AnswerOver', 'stop_token_ids', 'generate_responses', 'extract_response', 'token_f1',
+           'score_text', 'score_responses', 'evaluate', 'supervised_loss', 'load_inference_base', 'metrics_table',
+           'save_metrics', 'reply']
 
 # %% ../nbs/11_inference.ipynb #c004
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from .core import atomic_write_text, pick_precision, resolve_dtype
 from .config import Config, load_config
-from .tasks import DataError, scorer_for
-from .data import build_prompt
+from .tasks import SCORERS, DataError, scorer_for
+from .data import (build_prompt, collator_for, detect_format, end_of_turn, prompt_ids, record_format, reference_answer,
+                          tokenize_records)
 from .models import load_base_from
+from .train import answer_loss
 
 # %% ../nbs/11_inference.ipynb #c007
 STOP_STRINGS = ['\n### ', '\n\n']  # where an Alpaca-format answer is over, if the model does not emit EOS
@@ -32,13 +36,23 @@ class AnswerOver(StoppingCriteria):
         texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
         return torch.tensor([any(m in t.lstrip() for m in STOP_STRINGS) for t in texts], device=input_ids.device)
 
+def stop_token_ids(tok) -> list:
+    "Token ids that end an answer: EOS, and the chat template's end-of-turn token when it is another single token"
+    ids = [tok.eos_token_id]
+    if getattr(tok, 'chat_template', None):
+        try: eot = tok(end_of_turn(tok), add_special_tokens=False)['input_ids']
+        except DataError: eot = []  # a template that cannot be split: EOS only
+        if len(eot) == 1 and eot[0] not in ids: ids += eot
+    return ids
+
 @torch.no_grad()
 def generate_responses(model, tok, records, template:str='alpaca', max_new_tokens:int=48, batch_size:int=16,
                        do_sample:bool=False, temperature:float=0.7, top_p:float=0.9, progress:bool=False) -> list[str]:
-    "Generated answer text (special tokens removed) for each record, in order"
+    "Generated answer text (special tokens removed) for each record, in order; for a conversation, its last assistant turn"
     prompts = [build_prompt(r, template, tok) for r in records]
+    ids = [prompt_ids(r, tok, template) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    side, tok.padding_side = tok.padding_side, 'left'
+    stops, instructions = stop_token_ids(tok), all(record_format(r) == 'instruction' for r in records)
     out = [None] * len(prompts)
     model.eval()
     batches = range(0, len(order), batch_size)
@@ -46,15 +60,17 @@ def generate_responses(model, tok, records, template:str='alpaca', max_new_token
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc='generating', unit='batch')
     sample = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-    try:
-        for s in batches:
-            idx = order[s:s + batch_size]
-            enc = tok([prompts[i] for i in idx], return_tensors='pt', padding=True, add_special_tokens=False).to(model.device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, stopping_criteria=StoppingCriteriaList([AnswerOver(tok, enc['input_ids'].shape[1])]), **sample)
-            for i, row in zip(idx, gen[:, enc['input_ids'].shape[1]:]):
-                out[i] = tok.decode(row, skip_special_tokens=True)
-    finally: tok.padding_side = side
+    for s in batches:
+        idx = order[s:s + batch_size]
+        n = max(len(ids[i]) for i in idx)  # left padding: every prompt ends in column n - 1
+        enc = dict(input_ids=torch.tensor([[tok.pad_token_id] * (n - len(ids[i])) + ids[i] for i in idx], device=model.device),
+                   attention_mask=torch.tensor([[0] * (n - len(ids[i])) + [1] * len(ids[i]) for i in idx], device=model.device))
+        stop = StoppingCriteriaList([AnswerOver(tok, n)] if instructions else [])
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stops,
+                             stopping_criteria=stop, **sample)
+        for i, row in zip(idx, gen[:, n:].tolist()):
+            end = next((k for k, t in enumerate(row) if t in stops), len(row))
+            out[i] = tok.decode(row[:end], skip_special_tokens=True)
     return out
 
 # %% ../nbs/11_inference.ipynb #c011
@@ -66,26 +82,56 @@ def extract_response(text:str) -> str:
     cut = min([i for i in (text.find(m) for m in STOP_MARKERS) if i >= 0], default=len(text))
     return text[:cut].strip()
 
+# %% ../nbs/11_inference.ipynb #c019
+def _words(text:str) -> list: return re.findall(r"\w+", text.lower())
+
+def token_f1(prediction:str, reference:str) -> float:
+    "F1 of the words `prediction` and `reference` share (lowercased, punctuation ignored, counted with repeats)"
+    p, r = _words(prediction), _words(reference)
+    if not p or not r: return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    return 0.0 if not common else 2 * common / (len(p) + len(r))
+
+def score_text(prediction:str, reference:str) -> dict:
+    "exact_match (equal up to surrounding and repeated whitespace) and f1 (`token_f1`) of one answer"
+    return dict(exact_match=int(prediction.split() == reference.split()), f1=token_f1(prediction, reference))
+
 # %% ../nbs/11_inference.ipynb #c014
-def score_responses(responses, records, task:str='tickets') -> dict:
-    "Mean of each 0/1 field over the examples, plus `n`"
-    score = scorer_for(task)
-    rows = [score(extract_response(p), r['output']) for p, r in zip(responses, records)]
-    if not rows: raise DataError("no examples to score: the records are empty")
+def score_responses(responses, records, task:str|None='tickets') -> dict:
+    "Mean of each score over the examples, plus `n`: a shipped task's scorer for its instruction records, else `score_text`"
+    if not records: raise DataError("no examples to score: the records are empty")
+    fmt = detect_format(records)
+    score = scorer_for(task) if fmt == 'instruction' and task in SCORERS else score_text
+    rows = [score(extract_response(p) if fmt == 'instruction' else p.strip(), reference_answer(r)) for p, r in zip(responses, records)]
     return {'n': len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}}
 
 # %% ../nbs/11_inference.ipynb #c017
 def evaluate(model, tok, records, cfg:Config, task:str|None=None, progress:bool=False) -> dict:
-    "Generate for `records` with the `[eval]` settings and score them; adds `seconds`"
+    "Generate for `records` (any format but text) with the `[eval]` settings and score them; adds `seconds`"
     e = cfg.eval
     records = records[:e.limit] if e.limit else records
+    if records and detect_format(records) == 'text': raise DataError("text records have no answer to generate: measure them with supervised_loss")
     t0 = time.time()
     responses = generate_responses(model, tok, records, cfg.data.template, e.max_new_tokens, e.batch_size,
                                    e.do_sample, e.temperature, e.top_p, progress=progress)
     m = score_responses(responses, records, task or cfg.data.task)
     return {**m, 'seconds': round(time.time() - t0, 1)}
 
-# %% ../nbs/11_inference.ipynb #c018
+# %% ../nbs/11_inference.ipynb #c031
+@torch.no_grad()
+def supervised_loss(model, tok, records, cfg:Config) -> dict:
+    "Mean loss, perplexity and count of the tokens training learns from `records`, with the `[data]` settings"
+    d, B = cfg.data, cfg.eval.batch_size
+    examples = tokenize_records(records, tok, d.template, d.max_length, d.format, d.train_on)
+    collate, total, count = collator_for(d.batching, tok), 0.0, 0
+    model.eval()
+    for s in range(0, len(examples), B):
+        batch = {k: v.to(model.device) for k, v in collate(examples[s:s + B]).items()}
+        total += float(answer_loss(model, batch, num_items=1))  # the sum over supervised tokens
+        count += int((batch['labels'][:, 1:] != -100).sum())
+    return dict(n=len(examples), tokens=count, loss=total / count, perplexity=math.exp(total / count))
+
+# %% ../nbs/11_inference.ipynb #c032
 def load_inference_base(cfg:Config|None=None, name:str|None=None):
     "(model, tokenizer) of base `name` (default: `[model] name`) for generation, with training's precision and 4-bit settings"
     cfg = cfg or load_config()
@@ -98,17 +144,17 @@ def metrics_table(columns:dict) -> str:
     "A text table: one row per metric, one column per named metrics dict"
     names = list(columns)
     keys = [k for k in next(iter(columns.values())) if k not in ('n', 'seconds')]
-    w = max(len(k) for k in keys) + 2
-    lines = [' ' * w + ''.join(f'{n:>14}' for n in names)]
-    for k in keys: lines.append(f'{k:<{w}}' + ''.join(f'{columns[n].get(k, float("nan")):>14.3f}' for n in names))
-    lines.append(f'{"n":<{w}}' + ''.join(f'{columns[n]["n"]:>14d}' for n in names))
+    w, c = max(len(k) for k in keys) + 2, max(14, max(len(n) for n in names) + 2)
+    lines = [' ' * w + ''.join(f'{n:>{c}}' for n in names)]
+    for k in keys: lines.append(f'{k:<{w}}' + ''.join(f'{columns[n].get(k, float("nan")):>{c}.3f}' for n in names))
+    lines.append(f'{"n":<{w}}' + ''.join(f'{columns[n]["n"]:>{c}d}' for n in names))
     return '\n'.join(lines)
 
 def save_metrics(metrics:dict, path, **about) -> Path:
     "Write `metrics` and what they measured (`about`: e.g. data, adapter, base) as one JSON object, atomically"
     atomic_write_text(path, json.dumps({**metrics, **about}, indent=1, default=str) + '\n'); return Path(path)
 
-# %% ../nbs/11_inference.ipynb #c029
+# %% ../nbs/11_inference.ipynb #c041
 def reply(model, tok, message:str, cfg:Config, instruction:str|None=None) -> str:
     "The model's answer to one `message` (the record's input under a fixed `instruction`, else the instruction)"
     rec = dict(instruction=instruction, input=message, output='') if instruction else dict(instruction=message, input='', output='')

@@ -14,7 +14,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['LLAMA_LINEARS', 'TARGET_SETS', 'linear_lora_params', 'lora_scaling', 'LoRALinear', 'inject_lora', 'rank_r_errors',
            'llama_linear_shapes', 'parse_targets', 'llama_target_names', 'lora_param_count', 'llama_param_count',
-           'build_meta_model', 'lora_summary']
+           'build_meta_model', 'lora_target_layers', 'meta_param_counts', 'lora_summary']
 
 # %% ../nbs/00_lora_math.ipynb #c011
 def linear_lora_params(d_in:int, d_out:int, r:int) -> int:
@@ -130,9 +130,27 @@ def build_meta_model(config):
     from transformers import AutoModelForCausalLM
     with torch.device('meta'): return AutoModelForCausalLM.from_config(config)
 
+# %% ../nbs/00_lora_math.ipynb #c089
+def lora_target_layers(model:nn.Module, targets) -> dict:
+    "`{full name: nn.Linear}` that LoRA on `targets` adapts: every linear layer but the LM head for all-linear, else those named"
+    names, head = parse_targets(targets), model.get_output_embeddings()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    if names == 'all-linear': return linears
+    have = sorted({n.rpartition('.')[2] for n in linears})
+    if unknown := [t for t in names if t not in have] or (not names and ['(none)']):
+        raise ValueError(f"{', '.join(unknown)} is not a linear layer of {type(model).__name__} ({', '.join(have)}, or all-linear)")
+    return {n: m for n, m in linears.items() if n.rpartition('.')[2] in names}
+
+def meta_param_counts(config, targets='all-linear', r:int=16) -> dict:
+    "`{'base', 'lora'}`: parameters of the model `config` describes and of rank-`r` LoRA on `targets`, counted on its meta build"
+    model = build_meta_model(config)
+    lora = sum(linear_lora_params(m.in_features, m.out_features, r) for m in lora_target_layers(model, targets).values())
+    return dict(base=sum(p.numel() for p in model.parameters()), lora=lora)
+
 # %% ../nbs/00_lora_math.ipynb #c082
 def lora_summary(config, targets='all-linear', r:int=16, alpha:float=32, rslora:bool=False) -> dict:
-    "Trainable parameters, % of all parameters, adapter size (MB) and scaling of LoRA on a Llama-style `config`"
-    n, base = lora_param_count(config, targets, r), llama_param_count(config)
+    "Trainable parameters, % of all parameters, adapter size (MB) and scaling of LoRA on the model `config` describes"
+    counts = meta_param_counts(config, targets, r)
+    n, base = counts['lora'], counts['base']
     return dict(trainable=n, total=base + n, trainable_pct=100 * n / (base + n),
                 adapter_mb_fp32=n * 4 / 1e6, adapter_mb_bf16=n * 2 / 1e6, scaling=lora_scaling(r, alpha, rslora))

