@@ -6,47 +6,51 @@ Docs: https://github.com/lora-nb/lora_nb/performance.html.md"""
 
 # %% ../nbs/15_performance.ipynb #c003
 from __future__ import annotations
-import gc, json, os, tempfile, time, warnings
+import contextlib, gc, json, os, tempfile, time, warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'RECIPE_OVERRIDES', 'LEVERS', 'DEFAULT_LEVER',
-           'matmul_peak', 'matmul_params', 'lora_roofline', 'StepClock', 'CountingCollator', 'answer_eval_loss',
-           'bench_config', 'seed_recipe_trainer', 'trl_sft_config', 'trl_trainer', 'lora_nb_trainer', 'measure_recipe',
-           'summarize_bench', 'format_bench', 'run_bench', 'full_logits_loss', 'time_training_steps', 'lever_batches',
-           'measure_levers', 'run_levers']
+__all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'RECIPE_OVERRIDES', 'PROFILE_GROUPS', 'LEVERS',
+           'DEFAULT_LEVER', 'matmul_peak', 'matmul_params', 'lora_roofline', 'StepClock', 'CountingCollator',
+           'answer_eval_loss', 'bench_config', 'seed_recipe_trainer', 'trl_sft_config', 'trl_trainer',
+           'lora_nb_trainer', 'measure_recipe', 'op_group', 'ProfileSteps', 'profile_groups', 'profile_step',
+           'format_profile', 'step_gemms', 'gemm_seconds', 'own_shape_roofline', 'summarize_bench', 'format_bench',
+           'run_bench', 'full_logits_loss', 'time_training_steps', 'lever_batches', 'measure_levers', 'run_levers']
 
 # %% ../nbs/15_performance.ipynb #c004
-from .core import atomic_write_text, cpu_name, machine_info, pick_device, release_free_memory, run_fresh, torch_dtype
+from .core import atomic_write_text, cpu_flags, cpu_name, machine_info, pick_device, release_free_memory, run_fresh, torch_dtype
 from .config import data_path, load_config
 from .data import read_records, build_prompt, tokenize_example, collate_padded, collate_padding_free, collator_for, length_grouped_batches
 from .models import load_base, load_base_from, attach_lora, attach_lora_from, load_tokenizer
-from .memory import _reset_rss_peak
+from .memory import _reset_rss_peak, model_shape
 from .train import LoraTrainer, answer_loss, training_args
 import torch, transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments, DataCollatorForLanguageModeling
+from transformers.trainer_callback import PrinterCallback
 # trl, datasets, peft and bitsandbytes are imported where they are used: heavy to import, needed by few functions
 
 # %% ../nbs/15_performance.ipynb #c008
+def _best_seconds(fn, repeats:int=3, min_seconds:float=0.05, device:str='cpu', now=time.perf_counter) -> float:
+    "Shortest mean time of `fn()` over `repeats` runs of at least `min_seconds` each, after two untimed calls"
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    for _ in range(2): fn()
+    best = float('inf')
+    for _ in range(repeats):
+        sync(); k, t0 = 0, now()
+        while k == 0 or now() - t0 < min_seconds: fn(); k += 1
+        sync(); best = min(best, (now() - t0) / k)
+    return best
+
 def matmul_peak(dtype:str='bfloat16', # 'float32' or 'bfloat16' (or 'fp32', 'bf16')
                 n:int=2048, repeats:int=5, min_seconds:float=0.5, device:str='cpu',
                 clock:str='wall', # 'cpu': per second of this process's CPU time (all its threads), not of wall-clock time
                ) -> float:
     "This machine's matmul speed in GFLOP/s: the best of `repeats` timings of n x n `torch.matmul` in `dtype`"
-    now = time.process_time if clock == 'cpu' else time.perf_counter
-    dt = torch_dtype(dtype)
-    g = torch.Generator().manual_seed(0)
+    dt, g = torch_dtype(dtype), torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device, dt) for _ in range(2))
     c = torch.empty(n, n, dtype=dt, device=device)
-    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-    for _ in range(2): torch.matmul(a, b, out=c)
-    best = 0.0
-    for _ in range(repeats):
-        sync(); k, t0 = 0, now()
-        while k == 0 or now() - t0 < min_seconds:
-            torch.matmul(a, b, out=c); k += 1
-        sync(); best = max(best, 2 * n**3 * k / (now() - t0) / 1e9)
-    return best
+    now = time.process_time if clock == 'cpu' else time.perf_counter
+    return 2 * n**3 / _best_seconds(lambda: torch.matmul(a, b, out=c), repeats, min_seconds, device, now) / 1e9
 
 # %% ../nbs/15_performance.ipynb #c012
 def matmul_params(model) -> dict:
@@ -246,11 +250,176 @@ def measure_recipe(recipe:str, # one of `RECIPE_TRAINERS`: 'seed', 'trl', 'lora_
     kw = dict(recipe=recipe, model=model, steps=steps, examples=examples, batch_size=batch_size, warmup=warmup, overrides=list(overrides))
     return run_fresh('lora_nb.bench:_run_recipe_here', kw, timeout=timeout)
 
+# %% ../nbs/15_performance.ipynb #c078
+PROFILE_GROUPS = {  # group: what its row holds
+    'elementwise': 'elementwise, norms, RoPE, SiLU',
+    'base_matmul': 'base linear matmuls',
+    'casts': 'dtype casts / copies',
+    'lora_matmul': "LoRA's small matmuls",
+    'autograd': 'autograd engine, views, dispatch',
+    'attention': 'attention (SDPA)',
+    'cross_entropy': 'cross-entropy at answer positions',
+    'lm_head': 'LM head matmul',
+    'optimizer': 'optimizer + clipping',
+    'other': 'other: Python, data, Trainer, unlisted ops'}
+_CONTEXTS = (  # an operation inside one whose lower-cased name contains one of these belongs to the group
+    ('optimizer', ('optimizer.step', 'optimizer.zero_grad')),
+    ('attention', ('scaled_dot_product', 'attention', ': bmmbackward', ': softmaxbackward')),
+    ('cross_entropy', ('cross_entropy', 'nll_loss', ': nlllossbackward', ': logsoftmaxbackward')))
+_OP_GROUPS = {  # the rest by name (aten::NAME)
+    'attention': ('bmm', 'baddbmm', '_softmax', '_softmax_backward_data'),
+    'cross_entropy': ('log_softmax', '_log_softmax', '_log_softmax_backward_data', 'nll_loss', 'nll_loss_forward', 'nll_loss_backward'),
+    'casts': ('copy_', '_to_copy', 'to', 'clone', 'contiguous', '_copy_from', 'type_as'),
+    'optimizer': ('linalg_vector_norm', '_fused_adamw_', '_fused_adam_'),
+    'elementwise': ('mul', 'mul_', 'add', 'add_', 'sub', 'sub_', 'rsub', 'div', 'div_', 'neg', 'pow', 'rsqrt', 'sqrt', 'mean', 'sum',
+                    'silu', 'silu_backward', 'sigmoid', 'cos', 'sin', 'exp', 'cat', 'stack', 'fill_', 'zero_', 'zeros', 'zeros_like',
+                    'ones', 'ones_like', 'full', 'new_zeros', 'where', 'masked_fill', 'masked_fill_', 'tril', 'triu', 'clamp',
+                    'clamp_min', 'arange', 'embedding', 'index', 'index_select', 'gather', 'scatter', 'ge', 'gt', 'le', 'lt', 'eq',
+                    'ne', 'bitwise_and', 'logical_and', 'cumsum', 'any', 'all', 'isneginf', 'max', 'min', 'native_dropout', 'dropout'),
+    'autograd': ('view', '_unsafe_view', 'reshape', '_reshape_alias', 't', 'transpose', 'permute', 'expand', 'as_strided', 'slice',
+                 'select', 'unsqueeze', 'squeeze', 'split', 'split_with_sizes', 'chunk', 'narrow', 'alias', 'detach', 'detach_',
+                 'flatten', 'unflatten', 'lift_fresh', 'empty', 'empty_strided', 'empty_like', 'resize_', 'linear', 'matmul',
+                 'result_type', 'item', '_local_scalar_dense', 'is_nonzero', 'set_')}
+_BY_OP = {f'aten::{op}': g for g, ops in _OP_GROUPS.items() for op in ops}
+
+def _matmul_owner(shapes:list, r:int, vocab:int) -> str:
+    "Whose matmul an (add)mm of these input shapes is: a vocabulary-sized dimension is the head's, a rank-r one LoRA's"
+    (m, k), (_, n) = [s for s in shapes if len(s) == 2][-2:]  # addmm's bias comes first
+    return 'lm_head' if vocab in (m, k, n) else 'lora_matmul' if r in (m, k, n) else 'base_matmul'
+
+def op_group(name:str, shapes:list, r:int, vocab:int,
+             context:str|None=None, # the group of an operation this one runs inside, if any (see `_context`)
+            ) -> str:
+    "The group of `PROFILE_GROUPS` one profiled operation belongs to, from where it runs, its name and its input shapes"
+    if context: return context
+    if name in ('aten::mm', 'aten::addmm', 'aten::_addmm_activation'): return _matmul_owner(shapes, r, vocab)
+    if name.startswith('aten::_foreach_'): return 'optimizer'
+    if name.startswith('autograd::') or name.endswith(('Backward0', 'Backward1', 'AccumulateGrad')): return 'autograd'
+    return _BY_OP.get(name, 'other')
+
+def _context(e, memo:dict) -> str|None:
+    "The group of the innermost profiler event around `e` (itself included) that `_CONTEXTS` names, else None"
+    if id(e) not in memo:
+        low = e.name.lower()
+        g = next((g for g, keys in _CONTEXTS if any(k in low for k in keys)), None)
+        memo[id(e)] = g or (_context(e.cpu_parent, memo) if e.cpu_parent is not None else None)
+    return memo[id(e)]
+
+# %% ../nbs/15_performance.ipynb #c082
+@contextlib.contextmanager
+def _quiet_stderr():
+    "File descriptor 2 to /dev/null for a moment: silences what C++ libraries print there"
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try: os.dup2(null, 2); yield
+    finally: os.dup2(saved, 2); os.close(saved); os.close(null)
+
+class ProfileSteps(TrainerCallback):
+    "Runs torch.profiler (shapes recorded) over the `steps` training steps after the first `warmup`, and times them"
+    def __init__(self, warmup:int, steps:int, cuda:bool=False):
+        from torch.profiler import profile, ProfilerActivity  # the profiler: only when a profile is taken
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.warmup, self.steps, self.cuda, self.seconds = warmup, steps, cuda, None
+        self.prof = profile(activities=acts, record_shapes=True)
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step not in (self.warmup, self.warmup + self.steps): return
+        if self.cuda: torch.cuda.synchronize()
+        with _quiet_stderr():
+            if state.global_step == self.warmup: self.prof.start(); self.t0 = time.perf_counter()
+            else: self.seconds = time.perf_counter() - self.t0; self.prof.stop()
+
+# %% ../nbs/15_performance.ipynb #c084
+def profile_groups(events, seconds_per_step:float, steps:int, r:int, vocab:int, device:str='cpu') -> list[dict]:
+    "ms, share of the step and calls per step of every group of `PROFILE_GROUPS`; 'other' takes the time no operation accounts for"
+    ms, calls, memo = dict.fromkeys(PROFILE_GROUPS, 0.0), dict.fromkeys(PROFILE_GROUPS, 0), {}
+    for e in events:
+        if e.device_type.name != 'CPU': continue  # a CUDA kernel counts through the operation that launched it
+        g = op_group(e.name, e.input_shapes or [], r, vocab, _context(e, memo))
+        ms[g] += (e.self_device_time_total if device == 'cuda' else e.self_cpu_time_total) / 1e3 / steps
+        calls[g] += 1
+    step_ms = seconds_per_step * 1e3
+    ms['other'] += step_ms - sum(ms.values())
+    return [dict(group=g, title=t, ms=ms[g], share=ms[g] / step_ms, calls=calls[g] / steps) for g, t in PROFILE_GROUPS.items()]
+
+# %% ../nbs/15_performance.ipynb #c086
+def profile_step(model:str='smollm2-135m', steps:int=4, warmup:int=2, batch_size:int|None=None, overrides=()) -> dict:
+    "Profile `steps` training steps of the bench's lora_nb recipe after `warmup` steps: ms per step and share of every group"
+    if warmup < 1: raise ValueError("warmup must be >= 1: the first step holds one-time costs")
+    transformers.logging.set_verbosity_error()
+    batch_size = batch_size or load_config(overrides=overrides).train.batch_size
+    cfg = bench_config(model, warmup + steps, batch_size, overrides)
+    dev, r, threads = pick_device(cfg.model.device), cfg.lora.r, cfg.train.threads or torch.get_num_threads()
+    m, tok = load_base_from(cfg); m = attach_lora_from(m, cfg)
+    if any(r in mod.weight.shape for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and 'lora_' not in n):
+        warnings.warn(f"r={r} is also a dimension of the base's linear layers: the profile counts their matmuls as LoRA's")
+    recs = read_records(data_path(cfg.data.train_file))[:(warmup + steps) * batch_size]
+    before = torch.get_num_threads(); torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            trainer = lora_nb_trainer(m, tok, recs, cfg, out_dir); trainer.remove_callback(PrinterCallback)
+            counter = CountingCollator(trainer.data_collator); trainer.data_collator = counter
+            clock = ProfileSteps(warmup, steps, cuda=dev == 'cuda'); trainer.add_callback(clock)
+            trainer.train()
+    finally: torch.set_num_threads(before)
+    timed, a = slice(warmup, warmup + steps), trainer.args
+    return dict(model=model, device=dev, steps=steps, warmup_steps=warmup, batch_size=batch_size, threads=threads,
+                precision='bf16' if a.bf16 else 'fp16' if a.fp16 else 'fp32', r=r, ms_per_step=clock.seconds / steps * 1e3,
+                tokens_per_step=sum(counter.tokens[timed]) / steps, supervised_per_step=sum(counter.supervised[timed]) / steps,
+                groups=profile_groups(clock.prof.events(), clock.seconds / steps, steps, r, m.config.vocab_size, dev))
+
+def format_profile(p:dict) -> str:
+    "A plain-text table of a `profile_step` result, largest group first"
+    head = f"{'group':44} {'ms/step':>9} {'share':>6} {'calls/step':>11}"
+    rows = [f"{g['title']:44} {g['ms']:9.1f} {g['share']:6.0%} {g['calls']:11,.0f}" for g in sorted(p['groups'], key=lambda g: -g['ms'])]
+    step = f"step ({p['device']}, {p['precision']}, {p['tokens_per_step']:,.0f} tokens, profiled)"
+    return '\n'.join([head, '-' * len(head), *rows, '-' * len(head), f"{step:44} {p['ms_per_step']:9.1f} {1:6.0%}"])
+
+# %% ../nbs/15_performance.ipynb #c090
+def step_gemms(shape, # a `ModelShape` (chapter 6)
+               tokens:int, answer_tokens:int, r:int=16, targets='all-linear') -> list[dict]:
+    "The matmuls [m, k] x [k, n] of one LoRA training step at its own shapes, and how many of each it runs"
+    rows, lora = {}, set(shape.target_names(targets))
+    def add(part, op, m, k, n, count=shape.layers):
+        rows[(part, op, m, k, n)] = rows.get((part, op, m, k, n), 0) + count
+    for name, (i, o) in shape.linear_shapes().items():
+        add('base', 'forward', tokens, i, o); add('base', 'input grad', tokens, o, i)  # frozen: no weight gradient
+        if name in lora:  # A: i -> r, then B: r -> o
+            add('lora', 'forward', tokens, i, r); add('lora', 'forward', tokens, r, o)
+            add('lora', 'input grad', tokens, o, r); add('lora', 'input grad', tokens, r, i)
+            add('lora', 'weight grad', o, tokens, r); add('lora', 'weight grad', r, tokens, i)
+    add('head', 'forward', answer_tokens, shape.hidden, shape.vocab, 1)
+    add('head', 'input grad', answer_tokens, shape.vocab, shape.hidden, 1)
+    return [dict(part=p, op=op, m=m, k=k, n=n, count=c) for (p, op, m, k, n), c in rows.items()]
+
+# %% ../nbs/15_performance.ipynb #c094
+def gemm_seconds(m:int, k:int, n:int, op:str='forward', dtype:str='bfloat16', device:str='cpu', **kw) -> float:
+    "Seconds of one [m, k] x [k, n] matmul laid out as training lays it out: x @ W.T forward, g @ W input grad, g.T @ x weight grad"
+    dt, g = torch_dtype(dtype), torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dt)
+    a, b = {'forward': lambda: (rnd(m, k), rnd(n, k).t()), 'input grad': lambda: (rnd(m, k), rnd(k, n)),
+            'weight grad': lambda: (rnd(k, m).t(), rnd(k, n))}[op]()
+    return _best_seconds(lambda: torch.matmul(a, b), device=device, **kw)
+
+def own_shape_roofline(model:str='smollm2-135m', tokens:int=1000, answer_tokens:int=250, r:int=16, targets='all-linear',
+                       dtype:str='bfloat16', device:str='cpu', **kw) -> dict:
+    "Tokens/s of a training step that did nothing but its own matmuls, each timed on this machine at the step's shapes"
+    gemms = step_gemms(model_shape(model), tokens, answer_tokens, r, targets)
+    for g in gemms:
+        g['seconds'] = gemm_seconds(g['m'], g['k'], g['n'], g['op'], dtype, device, **kw)
+        g['gflops'] = 2 * g['m'] * g['k'] * g['n'] / g['seconds'] / 1e9
+    secs = {p: sum(g['seconds'] * g['count'] for g in gemms if g['part'] == p) for p in ('base', 'lora', 'head')}
+    flops = {p: sum(2 * g['m'] * g['k'] * g['n'] * g['count'] for g in gemms if g['part'] == p) for p in secs}
+    return dict(model=model, tokens=tokens, answer_tokens=answer_tokens, r=r, dtype=dtype, device=device, gemms=gemms,
+                seconds_per_step=secs, gflops={p: flops[p] / secs[p] / 1e9 for p in secs},
+                tokens_per_sec_base=tokens / (secs['base'] + secs['head']), tokens_per_sec=tokens / sum(secs.values()))
+
 # %% ../nbs/15_performance.ipynb #c048
 def _ratio(a, b): return None if a is None or b is None or not b else a / b
 
-def summarize_bench(results:dict, peaks:dict, **context) -> dict:
-    "The figures of a bench: speedups, roofline fraction, QLoRA memory ratio, next to every recipe's measurements"
+def summarize_bench(results:dict, peaks:dict,
+                    own_shapes:dict|None=None, # `own_shape_roofline` at lora_nb's step
+                    profile:dict|None=None, # `profile_step` of lora_nb's step
+                    **context) -> dict:
+    "The figures of a bench: speedups, both rooflines' fractions, QLoRA memory ratio, next to every recipe's measurements"
     get = lambda r, k: results[r][k] if r in results else None
     ours, fp32 = results.get('lora_nb'), 'lora_fp32' if 'lora_fp32' in results else 'lora_nb'
     s = dict(**context, matmul_gflops=peaks, recipes=results,
@@ -282,25 +451,19 @@ def summarize_bench(results:dict, peaks:dict, **context) -> dict:
         s['roofline_fraction_cpu'] = (ours['tokens_per_cpu_sec'] / lora_roofline(cpu_peak, ours['matmul_params'])
                                       if cpu_peak and ours.get('tokens_per_cpu_sec') else None)
     else: s.update(roofline=None, roofline_fraction=None, roofline_fraction_answer_head=None, roofline_fraction_cpu=None)
+    s.update(own_shape_roofline=own_shapes, profile=profile,
+             own_shape_fraction=_ratio(get('lora_nb', 'tokens_per_sec'), own_shapes and own_shapes['tokens_per_sec']),
+             own_shape_fraction_base=_ratio(get('lora_nb', 'tokens_per_sec'), own_shapes and own_shapes['tokens_per_sec_base']))
     return s
 
 # %% ../nbs/15_performance.ipynb #c049
 def _mib(n): return f"{n / 2**20:,.0f} MiB"
+def _rate(v): return f"{v:,.0f}" if v >= 10 else f"{v:.2g}"  # GFLOP/s: a tiny model's rates are below 1
 
-def format_bench(s:dict) -> str:
-    "A plain-text table of a bench summary, with the ratios under it"
-    head = (f"{'recipe':38} {'tok/s':>8} {'answer tok/s':>13} {'s/step':>8} {'tok/CPU-s':>10} {'computed tok/step':>18} "
-            f"{'memory':>10} {'eval loss':>10}")
-    lines = [head, '-' * len(head)]
-    for r in s['recipes'].values():
-        lines.append(f"{r['title']:38} {r['tokens_per_sec']:8.1f} {r['supervised_tokens_per_sec']:13.1f} {r['seconds_per_step']:8.2f} "
-                     f"{r['tokens_per_cpu_sec']:10.1f} {r['computed_per_step']:18,.0f} {_mib(r['memory_bytes']):>10} {r['eval_loss']:10.4f}")
-    f = lambda v, spec: 'n/a' if v is None else format(v, spec)
-    lines += ['', f"lora_nb vs older recipe: {f(s['speedup_vs_seed_recipe'], '.1f')}x tokens/s; vs TRL defaults: {f(s['speedup_vs_trl_default'], '.2f')}x",
-              f"per CPU-second: {f(s['speedup_vs_seed_recipe_cpu'], '.1f')}x and {f(s['speedup_vs_trl_default_cpu'], '.2f')}x",
-              f"matmul peak: fp32 {s['matmul_gflops']['fp32']:.0f} GFLOP/s, bf16 {s['matmul_gflops']['bf16']:.0f} GFLOP/s"]
-    if s['roofline']:
-        rf = s['roofline']
+def _roofline_lines(s:dict) -> list[str]:
+    "The lines of a bench summary about its two rooflines: the 2048 x 2048 peak's, and the one at the step's own shapes"
+    rf, o, lines = s['roofline'], s.get('own_shape_roofline'), []
+    if rf:
         lines.append(f"LoRA roofline ({rf['precision']}, 4 x {rf['matmul_params']['body'] + rf['matmul_params']['head']:,} FLOPs/token): "
                      f"{rf['tokens_per_sec']:.0f} tok/s, lora_nb reaches {s['roofline_fraction']:.0%}; "
                      f"with the LM head at answer positions only ({rf['answer_fraction']:.0%} of tokens): "
@@ -308,6 +471,28 @@ def format_bench(s:dict) -> str:
         if s.get('roofline_fraction_cpu') is not None:
             lines.append(f"per CPU-second (peak {s['matmul_gflops'][rf['precision'] + '_cpu']:.0f} GFLOP per CPU-s): lora_nb reaches "
                          f"{s['roofline_fraction_cpu']:.0%} of the roofline")
+    if o:
+        g = o['gflops']
+        lines.append(f"own-shape roofline ({o['dtype']} matmuls at a step's shapes, {o['tokens']:,} tokens, {o['answer_tokens']:,} answer; "
+                     f"base {_rate(g['base'])}, LoRA {_rate(g['lora'])}, head {_rate(g['head'])} GFLOP/s): base + head {o['tokens_per_sec_base']:.0f} tok/s, "
+                     f"lora_nb reaches {s['own_shape_fraction_base']:.0%}; with LoRA's {o['tokens_per_sec']:.0f} tok/s, {s['own_shape_fraction']:.0%}")
+    return lines
+
+def format_bench(s:dict) -> str:
+    "A plain-text table of a bench summary, with the ratios under it (and lora_nb's profile when it has one)"
+    m = s.get('machine') or {}
+    flags = s.get('cpu_flags', m.get('cpu_flags'))
+    head = (f"{'recipe':38} {'tok/s':>8} {'answer tok/s':>13} {'s/step':>8} {'tok/CPU-s':>10} {'computed tok/step':>18} "
+            f"{'memory':>10} {'eval loss':>10}")
+    lines = [f"CPU: {s.get('cpu') or m.get('cpu', 'not recorded')}; bf16 flags: "
+             f"{'not recorded' if flags is None else ', '.join(flags) or 'none'}", '', head, '-' * len(head)]
+    for r in s['recipes'].values():
+        lines.append(f"{r['title']:38} {r['tokens_per_sec']:8.1f} {r['supervised_tokens_per_sec']:13.1f} {r['seconds_per_step']:8.2f} "
+                     f"{r['tokens_per_cpu_sec']:10.1f} {r['computed_per_step']:18,.0f} {_mib(r['memory_bytes']):>10} {r['eval_loss']:10.4f}")
+    f = lambda v, spec: 'n/a' if v is None else format(v, spec)
+    lines += ['', f"lora_nb vs older recipe: {f(s['speedup_vs_seed_recipe'], '.1f')}x tokens/s; vs TRL defaults: {f(s['speedup_vs_trl_default'], '.2f')}x",
+              f"per CPU-second: {f(s['speedup_vs_seed_recipe_cpu'], '.1f')}x and {f(s['speedup_vs_trl_default_cpu'], '.2f')}x",
+              f"matmul peak: fp32 {s['matmul_gflops']['fp32']:.0f} GFLOP/s, bf16 {s['matmul_gflops']['bf16']:.0f} GFLOP/s", *_roofline_lines(s)]
     if s['qlora_to_lora_memory'] is not None:
         lines.append(f"QLoRA / fp32 LoRA: peak memory {s['qlora_to_lora_memory']:.0%}, weights {s['qlora_to_lora_weights']:.0%}")
     if s.get('qlora_no_gc_to_lora_memory') is not None:
@@ -315,9 +500,24 @@ def format_bench(s:dict) -> str:
     if s.get('bf16_to_fp32_lora_memory') is not None:
         lines.append(f"lora_nb (bf16 base) / fp32 LoRA: peak memory {s['bf16_to_fp32_lora_memory']:.0%}; "
                      f"QLoRA / lora_nb: {s['qlora_to_bf16_lora_memory']:.0%}")
+    if s.get('profile'):
+        lines += ['', f"where a lora_nb step goes ({s['profile']['steps']} profiled steps):", format_profile(s['profile'])]
     return '\n'.join(lines)
 
 # %% ../nbs/15_performance.ipynb #c050
+def _profile_lora_nb(ours:dict, cfg, model:str, steps:int, warmup:int, batch_size:int, overrides, threads:int) -> tuple:
+    "lora_nb's step profiled in a fresh process, and its matmuls timed at their own shapes with the recipes' threads"
+    w = max(warmup, 1)
+    prof = run_fresh('lora_nb.bench:profile_step', dict(model=model, steps=max(steps - w, 1), warmup=w, batch_size=batch_size,
+                                                        overrides=list(overrides)), timeout=3600)
+    st = ours['settings']
+    dtype = 'bfloat16' if st['bf16'] else 'float16' if st['fp16'] else 'float32'
+    before = torch.get_num_threads(); torch.set_num_threads(threads)
+    try: own = own_shape_roofline(model, round(ours['tokens_per_step']), round(ours['supervised_per_step']), cfg.lora.r,
+                                  cfg.lora.target_modules, dtype, ours['device'], repeats=5, min_seconds=0.1)
+    finally: torch.set_num_threads(before)
+    return prof, own
+
 def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
               steps:int=6, # training steps per recipe (each of `batch_size` examples), the first `warmup` untimed
               examples:int=64, # validation examples for the eval loss
@@ -326,6 +526,7 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
               recipes=tuple(RECIPE_TRAINERS), # any of 'seed', 'trl', 'lora_nb', 'lora_fp32', 'qlora', 'qlora_no_gc'
               overrides=(), # settings for every recipe, e.g. ['train.threads=1']
               save:str|None=None, # also write the summary as JSON to this file
+              profile:bool=False, # also profile lora_nb's step and time its matmuls at their own shapes (the second roofline)
               out=print) -> dict:
     "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
     import peft, trl  # heavy: see the imports
@@ -339,7 +540,8 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
     finally: torch.set_num_threads(default_threads)
     device_name = cpu_name() if dev == 'cpu' else torch.cuda.get_device_name()
     out(f"{model}: {steps} steps x {batch_size} examples per recipe ({warmup} untimed), eval on {examples} validation examples; "
-        f"{device_name}, {threads} threads, load average {load_before:.2f}")
+        f"{device_name}{' (bf16 flags: ' + (', '.join(cpu_flags()) or 'none') + ')' if dev == 'cpu' else ''}, {threads} threads, "
+        f"load average {load_before:.2f}")
     out(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     results = {}
     for r in recipes:
@@ -347,9 +549,14 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
         results[r] = res = measure_recipe(r, model, steps, examples, batch_size, warmup, overrides)
         out(f"{RECIPE_TITLES[r]:38} {res['tokens_per_sec']:8.1f} tok/s {res['seconds_per_step']:7.2f} s/step "
             f"eval loss {res['eval_loss']:.4f}  ({time.time() - t0:.0f} s)")
-    s = summarize_bench(results, peaks, model=model, steps=steps, warmup_steps=warmup, batch_size=batch_size,
+    prof = own = None
+    if profile and 'lora_nb' in results:
+        t0 = time.time(); prof, own = _profile_lora_nb(results['lora_nb'], cfg, model, steps, warmup, batch_size, overrides, threads)
+        out(f"profiled lora_nb's step and timed its matmuls at their own shapes ({time.time() - t0:.0f} s)")
+    s = summarize_bench(results, peaks, own, prof, model=model, steps=steps, warmup_steps=warmup, batch_size=batch_size,
                         train_examples=steps * batch_size, val_examples=examples, overrides=list(overrides), device=dev,
                         device_name=device_name, threads=threads, machine=machine_info(),
+                        cpu=cpu_name(), cpu_flags=cpu_flags(),
                         load_average_before=load_before, load_average_after=os.getloadavg()[0],
                         versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__, trl=trl.__version__),
                         date=time.strftime('%Y-%m-%d %H:%M %Z'), wall_seconds=time.time() - t_start)

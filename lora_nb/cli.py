@@ -10,10 +10,10 @@ import argparse, json, os, sys, warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'add_settings', 'settings', 'cmd_train', 'add_train', 'cmd_eval', 'add_eval', 'cmd_chat', 'add_chat',
-           'cmd_demo', 'add_demo', 'cmd_merge', 'add_merge', 'cmd_export', 'add_export', 'cmd_doctor', 'add_doctor',
-           'cmd_bench', 'add_bench', 'cmd_estimate', 'add_estimate', 'cmd_tensorboard', 'add_tensorboard',
-           'build_parser', 'main']
+__all__ = ['ALPACA_CHAT_NOTE', 'SUBCOMMANDS', 'add_settings', 'settings', 'cmd_train', 'add_train', 'cmd_eval', 'add_eval',
+           'cmd_chat', 'add_chat', 'cmd_demo', 'add_demo', 'cmd_merge', 'add_merge', 'cmd_export', 'add_export',
+           'cmd_data_show', 'cmd_data_check', 'add_data', 'cmd_doctor', 'add_doctor', 'cmd_bench', 'add_bench',
+           'cmd_estimate', 'add_estimate', 'cmd_tensorboard', 'add_tensorboard', 'build_parser', 'main']
 
 # %% ../nbs/18_cli.ipynb #c011
 from .core import LoraNbError
@@ -34,9 +34,9 @@ def settings(args, options:dict|None=None) -> Config:
     options = {'model.name': getattr(args, 'model_name', None), **(options or {})}
     return load_config(args.config, [*args.overrides, *(f'{k}={v}' for k, v in options.items() if v is not None)])
 
-def _subcommand(sub, cmd, help:str):
-    "A parser for the subcommand that `cmd` runs (`cmd_eval` -> `eval`), its docstring as the description"
-    p = sub.add_parser(cmd.__name__.removeprefix('cmd_'), help=help, description=cmd.__doc__)
+def _subcommand(sub, cmd, help:str, name:str|None=None):
+    "A parser for the subcommand that `cmd` runs (`cmd_eval` -> `eval`, unless `name` says), its docstring as the description"
+    p = sub.add_parser(name or cmd.__name__.removeprefix('cmd_'), help=help, description=cmd.__doc__)
     p.set_defaults(handler=cmd)
     return p
 
@@ -64,53 +64,66 @@ def add_train(sub):
 
 # %% ../nbs/18_cli.ipynb #c023
 def cmd_eval(args):
-    "Evaluate a base model or an adapter on a file of any format: loss on what training learns, then generated answers"
-    from lora_nb.data import detect_format, read_records  # torch: imported on use
-    from lora_nb.infer import evaluate, metrics_table, save_metrics, supervised_loss
-    from lora_nb.adapters import load_for_inference
+    "Evaluate a base model, or an adapter beside its base alone, on a file of any format: the loss on what training learns, then generated answers"
+    from lora_nb.data import read_records  # torch: imported on use
+    from lora_nb.infer import measure, metrics_table, save_metrics
+    from lora_nb.adapters import load_for_inference, using_adapter
     cfg = settings(args, {'eval.limit': args.limit})
     model, tok = load_for_inference(args.base, args.adapter, cfg)
     data = Path(args.data) if args.data else data_path(cfg.data.test_file)
     records = read_records(data)
     task = args.task or ('file' if args.data else cfg.data.task)  # a user's file: exact match and token F1
-    m = supervised_loss(model, tok, records[:cfg.eval.limit or None], cfg)
-    if detect_format(records) != 'text': m |= evaluate(model, tok, records, cfg, task=task, progress=sys.stderr.isatty())
-    print(metrics_table({'adapter' if args.adapter else 'base': m}))
+    run = lambda: measure(model, tok, records, cfg, task=task, progress=sys.stderr.isatty())
+    columns = {}
+    if args.adapter and not args.no_base:
+        with using_adapter(model, None): columns['base'] = run()
+    m = columns['base + adapter' if args.adapter else 'base'] = run()
+    if len(columns) == 2: m = {**m, 'before': columns['base']}
+    print(metrics_table(columns))
     out = args.output or (Path(args.adapter)/'eval.json' if args.adapter else None)
     if out: print(f"written: {save_metrics(m, out, data=data, adapter=args.adapter, base=model.name_or_path)}")
     print(json.dumps(m))
 
 def add_eval(sub):
     "The arguments of `lora-nb eval`"
-    p = _subcommand(sub, cmd_eval, 'evaluate a model or adapter'); add_settings(p)
-    p.add_argument('--adapter', help='LoRA adapter folder')
+    p = _subcommand(sub, cmd_eval, 'evaluate a model, or an adapter against its base'); add_settings(p)
+    p.add_argument('--adapter', help='LoRA adapter folder (the table then has the base alone and base + adapter)')
     p.add_argument('--base', help="base model (default: the adapter's own base, else [model] name)")
+    p.add_argument('--no-base', action='store_true', help='with --adapter: skip measuring the base alone')
     p.add_argument('--data', help='records of any format: instructions, conversations, prompt/completion, text (default: [data] test_file)')
     p.add_argument('--limit', type=int, help='first N examples only (= --set eval.limit=N)')
     p.add_argument('--task', help="a shipped task's scorer: tickets or summary (default: [data] task for the test file; "
                    "exact match and token F1 for --data)")
     p.add_argument('--output', help='metrics JSON file (default with --adapter: eval.json in the adapter folder)')
 
-# %% ../nbs/18_cli.ipynb #c024
+# %% ../nbs/18_cli.ipynb #c025
+ALPACA_CHAT_NOTE = ("template=alpaca: each message is answered on its own, without the conversation so far "
+                    "(--set data.template=chat for a conversation)")
+
 def cmd_chat(args):
-    "Talk to a model (with an adapter) in the training prompt template: one answer per message"
-    from lora_nb.infer import reply  # torch: imported on use
+    "Talk to a model (with an adapter): a conversation that keeps its history (template chat), else one answer per message"
+    from lora_nb.infer import Chat  # torch: imported on use
     from lora_nb.adapters import load_for_inference
     cfg = settings(args)
     model, tok = load_for_inference(args.base, args.adapter, cfg)
+    chat = Chat(model, tok, cfg, args.instruction)
+    if not chat.multi_turn: print(ALPACA_CHAT_NOTE, file=sys.stderr)
     if not args.message and sys.stdin.isatty(): print("Type a message (Ctrl-D to end).", file=sys.stderr)
-    for line in [args.message] if args.message else sys.stdin:
-        if line.strip(): print(reply(model, tok, line.strip(), cfg, args.instruction), flush=True)
+    for line in args.message or sys.stdin:
+        if not (message := line.strip()): continue
+        if args.show_prompt: print(f"--- prompt ---\n{chat.prompt(message)}", file=sys.stderr)
+        print(chat.send(message), flush=True)
 
 def add_chat(sub):
     "The arguments of `lora-nb chat`"
     p = _subcommand(sub, cmd_chat, 'talk to a model'); add_settings(p)
     p.add_argument('--adapter', help='LoRA adapter folder')
     p.add_argument('--base', help="base model (default: the adapter's own base, else [model] name)")
-    p.add_argument('--instruction', help='fixed instruction; each message becomes the input')
-    p.add_argument('-m', '--message', help='one message instead of reading stdin')
+    p.add_argument('--instruction', help='template alpaca: a fixed instruction, each message becomes its input; chat: the system message')
+    p.add_argument('-m', '--message', action='append', help='a message instead of reading stdin (repeatable: a conversation)')
+    p.add_argument('--show-prompt', action='store_true', help='print the prompt the model reads before each answer (stderr)')
 
-# %% ../nbs/18_cli.ipynb #c027
+# %% ../nbs/18_cli.ipynb #c028
 def cmd_demo(args):
     "Zero-shot eval, train, eval again on the ticket task; prints the before/after table"
     from lora_nb.demo import run_demo  # torch: imported on use
@@ -122,7 +135,7 @@ def add_demo(sub):
     p.add_argument('--name', help='run name')
     p.add_argument('--processes', type=int, metavar='N', help='train on N processes (the evaluations run in one)')
 
-# %% ../nbs/18_cli.ipynb #c030
+# %% ../nbs/18_cli.ipynb #c031
 def cmd_merge(args):
     "Merge a LoRA adapter into its base model and save a standalone model + tokenizer"
     from lora_nb.adapters import merge_adapter  # torch: imported on use
@@ -138,7 +151,7 @@ def add_merge(sub):
     p.add_argument('--base', help="base model (default: the adapter's own base)")
     p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
 
-# %% ../nbs/18_cli.ipynb #c031
+# %% ../nbs/18_cli.ipynb #c032
 def cmd_export(args):
     "Write a GGUF file: a merged model (--model; --ollama adds a Modelfile), or a LoRA adapter for llama.cpp's --lora (--adapter)"
     cfg = settings(args)
@@ -165,12 +178,50 @@ def add_export(sub):
     p.add_argument('--dtype', choices=['f32', 'f16', 'bf16', 'q8_0'], help='tensor type (default: [export] dtype)')
     p.add_argument('--ollama', action='store_true', help='also write an Ollama Modelfile next to the GGUF (= [export] ollama)')
 
-# %% ../nbs/18_cli.ipynb #c034
+# %% ../nbs/18_cli.ipynb #c035
+def _data_inputs(args) -> tuple:
+    "(records, tokenizer, [data] settings) of a `lora-nb data` action"
+    from lora_nb.data import read_records  # torch: imported on use
+    from lora_nb.models import load_tokenizer
+    cfg = settings(args)
+    return read_records(args.file), load_tokenizer(cfg.model.name), cfg.data
+
+def cmd_data_show(args):
+    "Print the first records as training builds them, the learned tokens highlighted (colour on a terminal, else ⟦ ⟧)"
+    from lora_nb.data import show_records  # torch: imported on use
+    records, tok, d = _data_inputs(args)
+    color = args.color == 'always' or (args.color == 'auto' and sys.stdout.isatty() and not os.environ.get('NO_COLOR'))
+    print(show_records(records, tok, d.template, d.max_length, d.format, d.train_on, n=args.n, style='ansi' if color else 'markers'))
+
+def cmd_data_check(args):
+    "Check a whole file: formats, token lengths, truncation, duplicates, conversations without an answer, role errors; exit 1 on errors"
+    from lora_nb.data import data_report, format_data_report  # torch: imported on use
+    records, tok, d = _data_inputs(args)
+    report = data_report(records, tok, d.template, d.max_length, d.format, d.train_on)
+    print(json.dumps(report) if args.json else format_data_report(report))
+    if not report['ok']: sys.exit(1)
+
+def add_data(sub):
+    "The arguments of `lora-nb data show` and `lora-nb data check`"
+    p = sub.add_parser('data', help='see what trains in a data file (show) and what is wrong with it (check)',
+                       description='Look at a file of records with the settings training uses.')
+    actions = p.add_subparsers(dest='action', required=True, metavar='ACTION')
+    show = _subcommand(actions, cmd_data_show, 'print records with the learned tokens highlighted', name='show')
+    check = _subcommand(actions, cmd_data_check, 'check a whole file; exit 1 on errors', name='check')
+    for q in (show, check):
+        q.add_argument('file', metavar='FILE', help='records: .jsonl, .json, .csv, .parquet, or a hub dataset name'); add_settings(q)
+    show.add_argument('--n', type=int, default=3, help='how many records to show (default 3)')
+    show.add_argument('--color', choices=['auto', 'always', 'never'], default='auto', help='ANSI colour (auto: on a terminal)')
+    check.add_argument('--json', action='store_true', help='print the report as one JSON object')
+
+# %% ../nbs/18_cli.ipynb #c038
 def cmd_doctor(args):
     "Check settings, data, tokenizer and model for known LoRA pitfalls; exit 1 on error-level findings"
     from lora_nb.doctor import diagnose, format_findings  # torch: imported on use
+    from lora_nb.data import read_records
     from lora_nb.monitors import has_errors
-    findings = diagnose(settings(args), run=args.run)
+    records = read_records(args.data) if args.data else None  # a file given: its records instead of [data] train_file
+    findings = diagnose(settings(args), records=records, run=args.run)
     print(format_findings(findings))
     if has_errors(findings): sys.exit(1)
 
@@ -178,12 +229,14 @@ def add_doctor(sub):
     "The arguments of `lora-nb doctor`"
     p = _subcommand(sub, cmd_doctor, 'check a config, its data and model for known pitfalls'); add_settings(p)
     p.add_argument('--run', help='also check a finished run folder (template drift, overfitting)')
+    p.add_argument('--data', metavar='FILE', help='check this file of records instead of [data] train_file')
 
-# %% ../nbs/18_cli.ipynb #c035
+# %% ../nbs/18_cli.ipynb #c039
 def cmd_bench(args):
     "Time the older guides' recipe, TRL's defaults and lora_nb's path on the same data; the last line is JSON"
     from lora_nb.bench import run_bench  # torch: imported on use
-    run_bench(model=args.model, steps=args.steps, examples=args.examples, batch_size=args.batch_size, save=args.output)
+    run_bench(model=args.model, steps=args.steps, examples=args.examples, batch_size=args.batch_size, save=args.output,
+              profile=args.profile)
 
 def add_bench(sub):
     "The arguments of `lora-nb bench`"
@@ -193,8 +246,10 @@ def add_bench(sub):
     p.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
     p.add_argument('--batch-size', type=int, default=None, help='examples per step (default: settings.ini [train] batch_size)')
     p.add_argument('--output', help='also write the figures as JSON here')
+    p.add_argument('--profile', action='store_true',
+                   help="also profile lora_nb's training step and time its matmuls at their own shapes (a second roofline)")
 
-# %% ../nbs/18_cli.ipynb #c036
+# %% ../nbs/18_cli.ipynb #c040
 def cmd_estimate(args):
     "Estimate training memory from a model config (per process)"
     from lora_nb.memory import estimate_memory, format_estimate  # torch: imported on use
@@ -215,7 +270,7 @@ def add_estimate(sub):
     p.add_argument('--processes', type=int, default=1); p.add_argument('--zero-stage', type=int, choices=[0, 1, 2, 3], default=0)
     p.add_argument('--device', choices=['cuda', 'cpu'], default='cuda')
 
-# %% ../nbs/18_cli.ipynb #c037
+# %% ../nbs/18_cli.ipynb #c041
 def cmd_tensorboard(args):
     "Serve TensorBoard over the runs folder"
     logdir = args.logdir or str(data_path(settings(args).train.output_dir))
@@ -228,7 +283,7 @@ def add_tensorboard(sub):
     p.add_argument('--host', default='127.0.0.1'); p.add_argument('--port', type=int, default=6006)
 
 # %% ../nbs/18_cli.ipynb #c010
-SUBCOMMANDS = (add_train, add_eval, add_chat, add_demo, add_merge, add_export, add_doctor, add_bench, add_estimate, add_tensorboard)
+SUBCOMMANDS = (add_train, add_eval, add_chat, add_data, add_demo, add_merge, add_export, add_doctor, add_bench, add_estimate, add_tensorboard)
 
 def build_parser() -> argparse.ArgumentParser:
     "The `lora-nb` argument parser"
@@ -249,4 +304,5 @@ def main(argv=None):
     except KeyboardInterrupt: sys.exit(130)
     except LoraNbError as e:
         if os.environ.get('LORA_NB_DEBUG') == '1': raise
-        print(f"lora-nb {args.command}: error: {e}", file=sys.stderr); sys.exit(1)
+        name = ' '.join(filter(None, (args.command, getattr(args, 'action', None))))  # 'data check'
+        print(f"lora-nb {name}: error: {e}", file=sys.stderr); sys.exit(1)

@@ -6,7 +6,8 @@ Docs: https://github.com/lora-nb/lora_nb/data.html.md"""
 
 # %% ../nbs/04_data.ipynb #c003
 from __future__ import annotations
-import csv, difflib, io, json, math, random
+import csv, difflib, html, io, json, math, random, re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -16,13 +17,15 @@ from .tasks import DataError
 
 # %% auto #0
 __all__ = ['READERS', 'FORMATS', 'FORMAT_FIELDS', 'ROLES', 'SHAREGPT_ROLES', 'ALPACA_PROMPT', 'ALPACA_PROMPT_NO_INPUT',
-           'ALPACA_PREAMBLE', 'TEMPLATES', 'REQUIRED_FIELDS', 'OPTIONAL_FIELDS', 'Records', 'read_records',
-           'split_records', 'record_format', 'detect_format', 'to_messages', 'TemplateError', 'render_chat',
-           'build_prompt', 'reference_answer', 'prompt_token_counts', 'first_token_difference', 'ValidationReport',
-           'validate_records', 'prompt_ids', 'prompt_response_ids', 'tokenize_example', 'tokenize_records',
-           'assistant_turns', 'conversation_example', 'mask_view', 'end_of_turn', 'text_examples', 'collate_padded',
-           'collate_padding_free', 'per_example_loss', 'length_grouped_batches', 'random_batches', 'pack_examples',
-           'token_stats', 'padding_cost', 'load_splits', 'prepare_examples', 'collator_for']
+           'ALPACA_PREAMBLE', 'TEMPLATES', 'REQUIRED_FIELDS', 'OPTIONAL_FIELDS', 'MASK_MARKS', 'MASK_CSS',
+           'PROBLEM_KINDS', 'Records', 'read_records', 'split_records', 'record_format', 'detect_format', 'to_messages',
+           'TemplateError', 'render_chat', 'build_prompt', 'reference_answer', 'prompt_token_counts',
+           'first_token_difference', 'ValidationReport', 'validate_records', 'prompt_ids', 'prompt_response_ids',
+           'tokenize_example', 'tokenize_records', 'assistant_turns', 'conversation_example', 'mask_runs', 'mask_view',
+           'end_of_turn', 'text_examples', 'record_examples', 'collate_padded', 'collate_padding_free',
+           'per_example_loss', 'length_grouped_batches', 'random_batches', 'pack_examples', 'token_stats', 'percentile',
+           'padding_cost', 'load_splits', 'prepare_examples', 'collator_for', 'HTMLText', 'mask_html', 'show_records',
+           'data_report', 'format_data_report']
 
 # %% ../nbs/04_data.ipynb #c059
 class Records(list):
@@ -248,12 +251,18 @@ class ValidationReport:
     conflicts: list = field(default_factory=list)    # same prompt as another record, different output
     lengths: list = field(default_factory=list)      # tokens per record (prompt + response + EOS), if a tokenizer was given
     format: str = ''                                 # the records' format (FORMATS)
+    supervised: list = field(default_factory=list)   # (tokens learned, tokens max_length keeps of them) per measured record
     @property
     def ok(self) -> bool: return not self.errors
+    @property
+    def supervised_lost(self) -> tuple:
+        "(supervised tokens `max_length` cuts off, supervised tokens in all) over the measured records"
+        return sum(n - k for n, k in self.supervised), sum(n for n, _ in self.supervised)
     def _repr_markdown_(self):
         out = [f"**{self.source}**: {self.n_records} {self.format} records, {len(self.errors)} errors, "
                f"{len(self.truncated)} longer than max_length={self.max_length}"]
         if self.lengths: out.append(f"tokens per record: min {min(self.lengths)}, mean {sum(self.lengths)/len(self.lengths):.1f}, max {max(self.lengths)}")
+        if (lost := self.supervised_lost)[0]: out.append(f"supervised tokens cut by max_length: {lost[0]:,} of {lost[1]:,} ({lost[0] / lost[1]:.1%})")
         if self.ignored_fields: out.append(f"ignored fields: {self.ignored_fields}")
         out += [f"- error: {e}" for e in self.errors[:10]]
         out += [f"- truncated: {t['where']}: {t['tokens']} tokens, {t['over']} over; the last {t['response_tokens_lost']} "
@@ -304,6 +313,7 @@ def _check_instructions(records, rep, tokenizer, template:str):
         if tokenizer is None: continue
         n_prompt, n_resp = _prompt_response_lengths(rec, tokenizer, template)
         rep.lengths.append(n_prompt + n_resp)
+        rep.supervised.append((n_resp, max(0, min(n_resp, max_length - n_prompt))))
         if n_prompt >= max_length:
             rep.errors.append(f"{where}, field 'input': the prompt alone is {n_prompt} tokens, max_length is {max_length}: "
                               "no response token would be left to learn")
@@ -381,6 +391,7 @@ def _check_records(records, rep, tokenizer, template:str, train_on:str):
         except DataError as e: rep.errors.append(f"{where}: {e}"); continue
         n, sup = len(ex['labels']), [k for k, l in enumerate(ex['labels']) if l != -100]
         rep.lengths.append(n)
+        rep.supervised.append((len(sup), len(sup) if rep.format == 'text' else sum(k < rep.max_length for k in sup)))
         if rep.format == 'text' or n <= rep.max_length: continue
         if sup[0] >= rep.max_length:
             rep.errors.append(f"{where}: the first supervised token is at position {sup[0]}, past max_length={rep.max_length}: nothing would be learned")
@@ -430,8 +441,7 @@ def tokenize_records(records, tokenizer, template:str='alpaca', max_length:int=5
     "Validate `records`, then tokenize each one (a text document: one example per `max_length` tokens)"
     records = read_records(records)
     fmt = validate_records(records, tokenizer, template, max_length, fmt=fmt, train_on=train_on).format
-    if fmt == 'text': return [e for r in records for e in text_examples(r, tokenizer, max_length)]
-    return [tokenize_example(r, tokenizer, template, max_length, fmt, train_on) for r in records]
+    return [e for r in records for e in record_examples(r, tokenizer, template, max_length, fmt, train_on)]
 
 # %% ../nbs/04_data.ipynb #c031
 def assistant_turns(messages:list, tokenizer) -> tuple[str, list]:
@@ -473,13 +483,20 @@ def conversation_example(messages:list, tokenizer, train_on:str='all_assistant')
     return dict(input_ids=ids + last, labels=labels + last)
 
 # %% ../nbs/04_data.ipynb #c035
-def mask_view(example:dict, tokenizer) -> str:
-    "The example's text with each stretch of learned tokens in ⟦ ⟧"
-    out, run = [], None
+def mask_runs(example:dict, tokenizer) -> list:
+    "[(learned, text)]: the example's text in stretches that are all learned or all context"
+    out = []
     for t, l in zip(example['input_ids'], example['labels']):
-        if run is None or (l != -100) != run[0]: run = [l != -100, []]; out.append(run)
-        run[1].append(t)
-    return ''.join(f"⟦{tokenizer.decode(ids)}⟧" if learned else tokenizer.decode(ids) for learned, ids in out)
+        if not out or (l != -100) != out[-1][0]: out.append((l != -100, []))
+        out[-1][1].append(t)
+    return [(learned, tokenizer.decode(ids)) for learned, ids in out]
+
+MASK_MARKS = dict(markers=('⟦', '⟧'), ansi=('\x1b[1;42;30m', '\x1b[0m'))  # plain text; a terminal: black on green
+
+def mask_view(example:dict, tokenizer, style:str='markers') -> str:
+    "The example's text with each stretch of learned tokens in ⟦ ⟧ (`style='ansi'`: highlighted in a terminal)"
+    a, b = MASK_MARKS[style]
+    return ''.join(f"{a}{text}{b}" if learned else text for learned, text in mask_runs(example, tokenizer))
 
 # %% ../nbs/04_data.ipynb #c046
 def end_of_turn(tokenizer) -> str:
@@ -494,6 +511,12 @@ def text_examples(record:dict, tokenizer, max_length:int=512) -> list:
     ids = _full_example(record, tokenizer, None, 'text', None)['input_ids']
     # a last piece of one token teaches nothing (an example's first token has no context to be predicted from)
     return [dict(input_ids=ids[s:s + max_length], labels=ids[s:s + max_length]) for s in range(0, len(ids), max_length) if len(ids) - s > 1]
+
+def record_examples(record:dict, tokenizer, template:str='alpaca', max_length:int=512, fmt:str='auto', train_on:str='all_assistant') -> list:
+    "The training examples of one record: `tokenize_example`'s one, or a text document's pieces (`text_examples`)"
+    fmt = record_format(record) if fmt == 'auto' else fmt
+    if fmt == 'text': return text_examples(record, tokenizer, max_length)
+    return [tokenize_example(record, tokenizer, template, max_length, fmt, train_on)]
 
 # %% ../nbs/04_data.ipynb #c114
 def collate_padded(examples:list, pad_token_id:int, pad_to_multiple_of:int|None=None) -> dict:
@@ -574,9 +597,13 @@ def token_stats(records, tokenizer, template:str='alpaca', fmt:str='auto', train
           for r in records]
     return dict(prompt=[p for p, _ in pr], response=[r for _, r in pr])
 
-def _describe(xs:list) -> dict:
+def percentile(xs:list, q:float):
+    "The nearest-rank `q`-th percentile of `xs`: the smallest value with at least q% of `xs` at or below it"
     s = sorted(xs)
-    return dict(mean=round(sum(s) / len(s), 1), median=s[len(s) // 2], p95=s[int(0.95 * (len(s) - 1))], max=s[-1])
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+def _describe(xs:list) -> dict:
+    return dict(mean=round(sum(xs) / len(xs), 1), median=percentile(xs, 50), p95=percentile(xs, 95), max=max(xs))
 
 # %% ../nbs/04_data.ipynb #c139
 def padding_cost(lengths:list, batch_size:int=8, max_length:int=512, seed:int=0) -> list:
@@ -613,3 +640,79 @@ def collator_for(batching:str, tokenizer):
     "The batch collator `[data] batching` names: one padding-free row, or padded batches (to a multiple of 8)"
     if batching == 'padding_free': return collate_padding_free
     return partial(collate_padded, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
+
+# %% ../nbs/04_data.ipynb #c154
+class HTMLText(str):
+    "A string of HTML: a notebook renders it (`_repr_html_`), a test reads it as text"
+    def _repr_html_(self): return str(self)
+
+MASK_CSS = {True: 'background:#b7ebb7;color:#000', False: 'color:#6b6b6b'}  # learned: on green; context: grey
+
+def mask_html(example:dict, tokenizer) -> HTMLText:
+    "The example as HTML: learned stretches on green (class 'learned'), context in grey, whitespace kept"
+    spans = ''.join(f'<span class="{"learned" if learned else "context"}" style="{MASK_CSS[learned]}">{html.escape(text)}</span>'
+                    for learned, text in mask_runs(example, tokenizer))
+    return HTMLText(f'<pre style="white-space:pre-wrap;margin:0">{spans}</pre>')
+
+# %% ../nbs/04_data.ipynb #c157
+def _record_view(records, i:int, tokenizer, template, max_length, fmt, train_on) -> dict:
+    "Record `i` as `show_records` shows it: where, format, problems or examples, and what max_length cuts"
+    rep = validate_records(records.subset([i]), tokenizer, template, max_length, raise_errors=False, fmt=fmt, train_on=train_on)
+    view = dict(where=records.locate(i), format=rep.format, max_length=max_length, examples=[],
+                problems=[e.removeprefix(f"{records.locate(i)}, ").removeprefix(f"{records.locate(i)}: ") for e in rep.errors])
+    if rep.errors: return view
+    over = rep.truncated[0]['over'] if rep.truncated else 0
+    return view | dict(examples=record_examples(records[i], tokenizer, template, max_length, rep.format, train_on),
+                       over=over, lost=rep.supervised_lost[0])
+
+def _view_header(v:dict) -> str:
+    if v['problems']: return f"── {v['where']} · {v['format'] or 'no format'} · cannot train"
+    n, k = sum(len(e['input_ids']) for e in v['examples']), sum(l != -100 for e in v['examples'] for l in e['labels'])
+    head = f"── {v['where']} · {v['format']} · {n} tokens, {k} learned"
+    if len(v['examples']) > 1: head += f" · {len(v['examples'])} pieces of at most {v['max_length']} tokens"
+    if v['over']: head += f" · max_length={v['max_length']} cuts {v['over']} more tokens, {v['lost']} of them learned"
+    return head
+
+def show_records(records, tokenizer, template:str='alpaca', max_length:int=512, fmt:str='auto', train_on:str='all_assistant',
+                 n:int=3, style:str='markers'):
+    "The first `n` records as training builds them, learned tokens marked: text (`style` 'markers' or 'ansi') or HTML ('html')"
+    records = read_records(records)
+    if not records: raise DataError(f"{records.source}: no records")
+    views = [_record_view(records, i, tokenizer, template, max_length, fmt, train_on) for i in range(min(n, len(records)))]
+    if style == 'html':
+        return HTMLText(''.join(f"<p><b>{html.escape(_view_header(v))}</b></p>" + ''.join(f'<div style="color:#b00">{html.escape(p)}</div>' for p in v['problems'])
+                                + '<hr style="margin:2px 0">'.join(mask_html(e, tokenizer) for e in v['examples']) for v in views))
+    return '\n\n'.join('\n'.join([_view_header(v), *(f"  problem: {p}" for p in v['problems'])] +
+                                 ['\n⋯ next piece ⋯\n'.join(mask_view(e, tokenizer, style) for e in v['examples'])][:bool(v['examples'])])
+                       for v in views)
+
+# %% ../nbs/04_data.ipynb #c163
+PROBLEM_KINDS = dict(duplicates=r': duplicate of ', no_assistant=r': no assistant turn', role_errors=r"(?:role|from) '[^']*' is not one of")
+
+def data_report(records, tokenizer, template:str='alpaca', max_length:int=512, fmt:str='auto', train_on:str='all_assistant') -> dict:
+    "A file's formats, token-length percentiles, truncation and the supervised tokens it loses, duplicates and errors, as one dict"
+    records = read_records(records)
+    rep = validate_records(records, tokenizer, template, max_length, raise_errors=False, fmt=fmt, train_on=train_on)
+    (lost, learned), L = rep.supervised_lost, rep.lengths
+    return dict(source=rep.source, records=rep.n_records, format=rep.format or None,
+                formats=dict(Counter(record_format(r) or 'none' for r in records)),
+                tokens={f'p{q}': percentile(L, q) for q in (50, 90, 99)} | dict(max=max(L)) if L else None,
+                max_length=max_length, truncated=len(rep.truncated), supervised_tokens=learned, supervised_lost=lost,
+                supervised_lost_share=lost / learned if learned else 0.0,
+                **{k: [e for e in rep.errors if re.search(p, e)] for k, p in PROBLEM_KINDS.items()}, errors=rep.errors, ok=rep.ok)
+
+def format_data_report(report:dict, limit:int=20) -> str:
+    "`data_report` as lines for the terminal: the figures, then up to `limit` errors (file name left out)"
+    r, cut = report, lambda e: e.removeprefix(f"{report['source']}, ")
+    lines = [f"{r['source']}: {r['records']:,} records, format {r['format'] or 'unknown'} "
+             f"({', '.join(f'{k} {v:,}' for k, v in r['formats'].items()) or 'none'})"]
+    if t := r['tokens']: lines.append(f"tokens per record: p50 {t['p50']}, p90 {t['p90']}, p99 {t['p99']}, max {t['max']} (max_length {r['max_length']})")
+    lines.append(f"truncated: {r['truncated']:,} records; {r['supervised_lost']:,} of {r['supervised_tokens']:,} supervised tokens "
+                 f"lost to max_length ({r['supervised_lost_share']:.1%})")
+    chat = r['format'] in ('conversations', 'prompt_completion') or r['no_assistant'] or r['role_errors']
+    lines.append(f"duplicates: {len(r['duplicates'])}" + (f", without an assistant turn: {len(r['no_assistant'])}, "
+                                                          f"role errors: {len(r['role_errors'])}" if chat else ''))
+    lines.append(f"{len(r['errors'])} error(s):" if r['errors'] else "no errors")
+    lines += [f"  {cut(e)}" for e in r['errors'][:limit]]
+    if len(r['errors']) > limit: lines.append(f"  ... and {len(r['errors']) - limit} more")
+    return '\n'.join(lines)

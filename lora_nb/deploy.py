@@ -6,13 +6,14 @@ Docs: https://github.com/lora-nb/lora_nb/deploy.html.md"""
 
 # %% ../nbs/14_deploy.ipynb #c003
 from __future__ import annotations
-import os, re
+import json, os, re
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OLLAMA_TEMPLATES', 'llama_cpp_status', 'transformers_greedy_ids', 'llama_cpp_tokenize', 'llama_cpp_generate',
-           'chatml_system', 'modelfile_text', 'write_modelfile', 'render_go_template', 'export_for_ollama']
+__all__ = ['OLLAMA_ALPACA', 'llama_cpp_status', 'transformers_greedy_ids', 'llama_cpp_tokenize', 'llama_cpp_generate',
+           'render_go_template', 'ollama_values', 'ollama_chat_template', 'modelfile_text', 'write_modelfile',
+           'export_for_ollama']
 
 # %% ../nbs/14_deploy.ipynb #c004
 import torch
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer
 from .core import atomic_write_text
 from .config import Config, load_config
 from .tasks import TASKS
+from .data import TemplateError, end_of_turn, render_chat
 from .export import ExportError, export_gguf
 
 # %% ../nbs/14_deploy.ipynb #c063
@@ -69,69 +71,163 @@ def llama_cpp_generate(gguf_path, prompts, max_new_tokens:int=48, lora=None) -> 
     return out
 
 # %% ../nbs/14_deploy.ipynb #c066
-OLLAMA_TEMPLATES = {
-    'alpaca': ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}\n\n### Response:\n"
-               "{{ else }}### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ end }}{{ .Response }}"),
-    'chat': ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-             "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n{{ .Response }}"),
-}
+OLLAMA_ALPACA = ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}\n\n### Response:\n"
+                 "{{ else }}### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ end }}{{ .Response }}")
 
-# %% ../nbs/14_deploy.ipynb #c016
-def chatml_system(tok) -> str|None:
-    "The system message a ChatML chat template inserts by itself (None if none); refuses templates that are not ChatML"
-    got = tok.apply_chat_template([{'role': 'user', 'content': 'X'}], tokenize=False, add_generation_prompt=True)
-    turn = "<|im_start|>user\nX<|im_end|>\n<|im_start|>assistant\n"
-    if got == turn: return None
-    m = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n" + re.escape(turn), got, re.S)
-    if not m: raise ExportError("the tokenizer's chat template is not ChatML: write the Modelfile's TEMPLATE by hand")
-    return m.group(1)
+# %% ../nbs/14_deploy.ipynb #c070
+_GO_ACTION = re.compile(r'\{\{(.*?)\}\}', re.S)
+_GO_WORDS = re.compile(r'"(?:[^"\\]|\\.)*"|\S+')
 
-# %% ../nbs/14_deploy.ipynb #c019
-def modelfile_text(gguf_file:str, template:str='alpaca', system:str|None=None, temperature:float=0.0,
-                   top_p:float|None=None, stop=('<|im_end|>', '###')) -> str:
-    "An Ollama Modelfile for `gguf_file` (relative to the Modelfile's folder) whose TEMPLATE is the training prompt"
-    tpl = OLLAMA_TEMPLATES[template]
-    if '"""' in tpl + (system or ''): raise ExportError('a Modelfile block cannot contain """')
-    how = ("SYSTEM is the ### Instruction, your message the ### Input" if template == 'alpaca'
-           else "your message is the user turn: the instruction, a blank line, then the input")
-    lines = [f"# Ollama: ollama create NAME -f Modelfile, then ollama run NAME. {how}.",
-             f"FROM ./{gguf_file}", f'TEMPLATE """{tpl}"""']
+def _go_parse(parts, i=0):
+    "Nodes up to the next {{ end }} or {{ else ... }} at this depth: (nodes, index after it, that action or None)"
+    nodes = []
+    while i < len(parts):
+        text, action = parts[i]; i += 1
+        if text is not None: nodes.append(text); continue
+        word, _, expr = action.partition(' ')
+        if word in ('end', 'else'): return nodes, i, action
+        if word not in ('if', 'range'): nodes.append(('value', action)); continue
+        branches = []
+        while True:
+            body, i, stop = _go_parse(parts, i)
+            if stop is None: raise ValueError(f"{{{{ {action} }}}} has no {{{{ end }}}}")
+            branches.append((expr, body))
+            if stop == 'end': break
+            expr = stop.removeprefix('else').strip().removeprefix('if ').strip() or None  # else if X -> X; else -> always
+        nodes.append((word, branches))
+    return nodes, i, None
+
+def _go_value(expr:str, dot):
+    "The value of `.Field`, `.`, a \"string\" or `eq A B`, with `dot` as Go's dot"
+    words = _GO_WORDS.findall(expr)
+    if len(words) == 3 and words[0] == 'eq': return _go_value(words[1], dot) == _go_value(words[2], dot)
+    if len(words) == 1 and words[0].startswith('"'): return json.loads(words[0])
+    if words == ['.']: return dot
+    if len(words) == 1 and re.fullmatch(r'\.\w+', words[0]):
+        name = words[0][1:]
+        return dot.get(name, dot.get(name.lower(), '')) if isinstance(dot, dict) else ''
+    raise ValueError(f"{{{{{expr}}}}}: not in the subset of Go templates render_go_template supports")
+
+def _go_run(nodes, dot, out:list):
+    "Append the text of `nodes`, evaluated with `dot`, to `out`"
+    for n in nodes:
+        if isinstance(n, str): out.append(n)
+        elif n[0] == 'value': v = _go_value(n[1], dot); out.append('' if v is None else str(v))
+        elif n[0] == 'if': _go_run(next((body for expr, body in n[1] if expr is None or _go_value(expr, dot)), []), dot, out)
+        else:
+            (expr, body), *otherwise = n[1]
+            items = _go_value(expr, dot) or []
+            for item in items: _go_run(body, item, out)
+            if not items and otherwise: _go_run(otherwise[0][1], dot, out)
+
+def render_go_template(template:str, **fields) -> str:
+    "Fill a Go text/template written in the subset above (fields, if/else if/else, eq, range) with `fields`"
+    parts, pos = [], 0
+    for m in _GO_ACTION.finditer(template):
+        parts += [(template[pos:m.start()], None), (None, m[1].strip())]
+        pos = m.end()
+    nodes, _, stop = _go_parse(parts + [(template[pos:], None)])
+    if stop is not None: raise ValueError(f"{{{{ {stop} }}}} without an open if or range")
+    out = []
+    _go_run(nodes, fields, out)
+    return ''.join(out)
+
+# %% ../nbs/14_deploy.ipynb #c017
+def ollama_values(messages:list, system:str|None=None) -> dict:
+    "The fields Ollama hands a TEMPLATE for a chat (`system`: the Modelfile's SYSTEM): .System and .Messages"
+    msgs = [dict(role=m['role'], content=m['content']) for m in messages]
+    if system and (not msgs or msgs[0]['role'] != 'system'): msgs.insert(0, dict(role='system', content=system))
+    merged = []
+    for m in msgs:
+        if merged and merged[-1]['role'] == m['role']: merged[-1]['content'] += '\n\n' + m['content']
+        else: merged.append(dict(m))
+    return dict(System='\n\n'.join(m['content'] for m in msgs if m['role'] == 'system'), Messages=merged)
+
+# %% ../nbs/14_deploy.ipynb #c020
+_PROBE = [dict(role=r, content=f'«{r} {i}»') for i, r in enumerate(('system', 'user', 'assistant', 'user'))]
+_CHECK = [dict(role='system', content='You triage support tickets.\nAnswer in JSON.'), dict(role='user', content='Hi! Where is order #58392?'),
+          dict(role='assistant', content='Which email did you order with?'), dict(role='user', content='ana@example.com'),
+          dict(role='assistant', content='{"intent": "order_status", "order_id": 58392}'), dict(role='user', content='Is it urgent?')]
+
+def _around(text:str, content:str, what:str) -> tuple[str, str]:
+    "(text before, text after) the one occurrence of `content` in `text`"
+    if text.count(content) != 1: raise ExportError(f"chat_template: it does not render {what}'s content exactly once, as given")
+    before, _, after = text.partition(content)
+    return before, after
+
+def _grown(short:str, long:str, what:str) -> str:
+    "What `long` adds to `short`, which must be its start"
+    if not long.startswith(short): raise ExportError(f"chat_template: it renders the start of a conversation differently once {what} follows")
+    return long[len(short):]
+
+def _chat_pieces(tok) -> dict:
+    "The text a chat template puts around each role's content, before the first message and after the last; its default system message"
+    S, U, A, U2 = _PROBE
+    r = lambda msgs, gen=False: render_chat(tok, msgs, gen)
+    p = dict(gen=_grown(r([S, U]), r([S, U], True), 'the generation prompt'))
+    p['user_pre'], p['user_suf'] = _around(_grown(r([S, U, A]), r(_PROBE), 'a user turn'), U2['content'], 'a user turn')
+    p['asst_pre'], p['asst_suf'] = _around(_grown(r([S, U]), r([S, U, A]), 'an assistant turn'), A['content'], 'an assistant turn')
+    head, rest = _around(r([S, U]), S['content'], 'a system message')
+    mid, tail = _around(rest, U['content'], 'a user turn')
+    if tail != p['user_suf'] or not mid.endswith(p['user_pre']):
+        raise ExportError("chat_template: it does not render a system message as a turn of its own before the first user turn")
+    p['sys_suf'] = mid[:len(mid) - len(p['user_pre'])]
+    alone, body = r([U], True), p['user_pre'] + U['content'] + p['user_suf'] + p['gen']
+    start = alone[:len(alone) - len(body)]
+    if alone.endswith(body) and head.startswith(start):  # no system message unless one is given
+        return p | dict(preamble=start, sys_pre=head[len(start):], system=None)
+    if alone.startswith(head) and alone.endswith(p['sys_suf'] + body) and len(alone) > len(head + p['sys_suf'] + body):
+        return p | dict(preamble='', sys_pre=head, system=alone[len(head):len(alone) - len(p['sys_suf'] + body)])
+    raise ExportError("chat_template: a conversation without a system message is rendered neither without one nor with a fixed default one")
+
+def ollama_chat_template(tok) -> dict:
+    "Ollama's TEMPLATE (Go syntax), SYSTEM and stop strings for the tokenizer's chat template, checked to render as it does"
+    try: p, eot = _chat_pieces(tok), end_of_turn(tok).strip()
+    except TemplateError as e: raise ExportError(f"the Modelfile's TEMPLATE: {e}") from None
+    if any('{{' in v for v in p.values() if v): raise ExportError("chat_template: its text holds '{{', which Go would read as an action")
+    tpl = (p['preamble'] + '{{ if .System }}' + p['sys_pre'] + '{{ .System }}' + p['sys_suf'] + '{{ end }}{{ range .Messages }}'
+           '{{ if eq .Role "user" }}' + p['user_pre'] + '{{ .Content }}' + p['user_suf'] +
+           '{{ else if eq .Role "assistant" }}' + p['asst_pre'] + '{{ .Content }}' + p['asst_suf'] + '{{ end }}{{ end }}' + p['gen'])
+    for msgs in (_CHECK, _CHECK[1:], _CHECK[1:2], _CHECK[:2]):
+        want, got = render_chat(tok, msgs, True), render_go_template(tpl, **ollama_values(msgs, p['system']))
+        if got != want:
+            k = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            raise ExportError(f"chat_template: a shape the Modelfile's TEMPLATE cannot follow (a {len(msgs)}-message chat differs at character "
+                              f"{k}: {want[k:k + 30]!r} from the chat template, {got[k:k + 30]!r} from Go); write the TEMPLATE by hand")
+    return dict(template=tpl, system=p['system'], stop=list(dict.fromkeys(s for s in (eot, tok.eos_token) if s)))
+
+# %% ../nbs/14_deploy.ipynb #c028
+def modelfile_text(gguf_file:str, # the GGUF file, relative to the Modelfile's folder
+                   template:str, # the TEMPLATE, in Go's template syntax
+                   system:str|None=None, # the SYSTEM text, if any
+                   stop=(), # stop strings, one PARAMETER stop line each
+                   temperature:float=0.0, top_p:float|None=None,
+                   how:str='', # a comment line: how a message becomes the prompt
+                  ) -> str:
+    "An Ollama Modelfile for `gguf_file`: FROM, TEMPLATE, SYSTEM, stop strings and sampling"
+    if '"""' in template + (system or ''): raise ExportError('a Modelfile block cannot contain """')
+    lines = ["# Ollama: ollama create NAME -f Modelfile, then ollama run NAME." + (f" {how}." if how else ''),
+             f"FROM ./{gguf_file}", f'TEMPLATE """{template}"""']
     if system: lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stop] + [f"PARAMETER temperature {temperature:g}"]
     if top_p is not None: lines.append(f"PARAMETER top_p {top_p:g}")
     return '\n'.join(lines) + '\n'
 
-# %% ../nbs/14_deploy.ipynb #c021
+# %% ../nbs/14_deploy.ipynb #c030
 def write_modelfile(gguf_path, tok, cfg=None) -> Path:
     "Write `Modelfile` next to `gguf_path` for the `[data]` template and task and the `[eval]` sampling of `cfg`"
     cfg = cfg or load_config()
     e, d = cfg.eval, cfg.data
-    if d.template == 'alpaca': system = TASKS[d.task]['instruction'] if d.task in TASKS else None
-    else: system = chatml_system(tok)
-    text = modelfile_text(Path(gguf_path).name, d.template, system, e.temperature if e.do_sample else 0.0,
-                          e.top_p if e.do_sample else None)
+    if d.template == 'alpaca':
+        m = dict(template=OLLAMA_ALPACA, system=TASKS[d.task]['instruction'] if d.task in TASKS else None, stop=('<|im_end|>', '###'),
+                 how="SYSTEM is the ### Instruction, your message the ### Input")
+    else: m = ollama_chat_template(tok) | dict(how="The model's chat template, as in training; for a task, your message is the instruction, a blank line, the input")
+    text = modelfile_text(Path(gguf_path).name, temperature=e.temperature if e.do_sample else 0.0, top_p=e.top_p if e.do_sample else None, **m)
     path = Path(gguf_path).parent/'Modelfile'
     atomic_write_text(path, text)
     return path
 
-# %% ../nbs/14_deploy.ipynb #c070
-_GO_ACTION = re.compile(r'\{\{\s*(?:if\s+\.(?P<cond>\w+)|(?P<kw>else|end)|\.(?P<field>\w+))\s*\}\}')
-
-def render_go_template(template:str, **fields) -> str:
-    "Fill a Go text/template that uses only {{ .Field }} and {{ if .Field }}...{{ else }}...{{ end }}"
-    out, stack, pos = [], [], 0  # stack: [condition, in_else] per open if
-    live = lambda: all(c != e for c, e in stack)
-    for m in _GO_ACTION.finditer(template):
-        if live(): out.append(template[pos:m.start()])
-        pos = m.end()
-        if m['cond']: stack.append([bool(fields.get(m['cond'])), False])
-        elif m['kw'] == 'else': stack[-1][1] = True
-        elif m['kw'] == 'end': stack.pop()
-        elif live(): out.append(str(fields.get(m['field']) or ''))
-    if stack: raise ValueError("unclosed {{ if }} in template")
-    return ''.join(out) + template[pos:]
-
-# %% ../nbs/14_deploy.ipynb #c023
+# %% ../nbs/14_deploy.ipynb #c035
 def export_for_ollama(model_dir, # a merged model folder (save_pretrained)
                       output, # the .gguf file to write; the Modelfile goes beside it
                       dtype:str='q8_0', # f32 | f16 | bf16 | q8_0

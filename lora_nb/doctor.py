@@ -140,25 +140,26 @@ def check_precision(cfg) -> list[Finding]:
 
 # %% ../nbs/10_doctor.ipynb #c025
 def check_data(cfg, tokenizer, records) -> list[Finding]:
-    "Records valid; the share of examples `max_length` truncates; prompts that leave no answer token"
+    "Records valid; examples that leave no answer token; the share of examples and of supervised tokens `max_length` cuts"
     d = cfg.data
     rep = validate_records(records, tokenizer, d.template, d.max_length, raise_errors=False, fmt=d.format, train_on=d.train_on)
     out = []
-    no_answer = [e for e in rep.errors if 'no response token' in e]
+    no_answer = [e for e in rep.errors if 'no response token' in e or 'nothing would be learned' in e]
     other = [e for e in rep.errors if e not in no_answer]
     fit = lambda n: f"--set data.max_length={64 * math.ceil(n / 64)}"
     if no_answer:
-        out.append(Finding('error', 'supervised-tokens', f"{len(no_answer)} of {rep.n_records} examples have a prompt of "
-                           f"max_length={d.max_length} tokens or more, leaving no answer token to learn ({no_answer[0]})",
-                           fit(max(rep.lengths)) if rep.lengths else 'shorten the prompts'))
+        out.append(Finding('error', 'supervised-tokens', f"{len(no_answer)} of {rep.n_records} examples have no answer token within "
+                           f"max_length={d.max_length}: nothing to learn ({no_answer[0]})", fit(max(rep.lengths)) if rep.lengths else 'shorten the prompts'))
     if other:
         out.append(Finding('error', 'records', f"{len(other)} problem(s) in {rep.source}, first: {other[0]}",
-                           'fix or remove those records (lora_nb.data.validate_records lists them all)'))
-    if rep.truncated:
-        share, longest = len(rep.truncated) / rep.n_records, max(t['tokens'] for t in rep.truncated)
-        out.append(Finding('warning' if share >= 0.01 else 'info', 'truncation',
-                           f"max_length={d.max_length} cuts {len(rep.truncated)} of {rep.n_records} examples ({share:.1%}), "
-                           f"the longest has {longest} tokens: the end of the answer and its EOS are lost", fit(longest)))
+                           'fix or remove those records (lora-nb data check FILE lists them all)'))
+    lost, learned = rep.supervised_lost
+    if lost:
+        share, lost_share, longest = len(rep.truncated) / rep.n_records, lost / learned, max(rep.lengths)
+        out.append(Finding('warning' if max(share, lost_share) >= 0.01 else 'info', 'truncation',
+                           f"max_length={d.max_length} cuts {len(rep.truncated)} of {rep.n_records} examples ({share:.1%}) and "
+                           f"{lost:,} of {learned:,} supervised tokens ({lost_share:.1%}), the longest example has {longest} tokens: "
+                           "answers lose their end and their EOS", fit(longest)))
     return out
 
 # %% ../nbs/10_doctor.ipynb #c030
@@ -234,7 +235,7 @@ def check_model(cfg, model, n_examples:int|None=None) -> list[Finding]:
                            '--set lora.target_modules=all-linear'))
     return out
 
-# %% ../nbs/10_doctor.ipynb #c045
+# %% ../nbs/10_doctor.ipynb #c051
 def check_template(cfg, tokenizer=None, run=None) -> list[Finding]:
     "The prompt template can be built, and matches the one `run` was trained with (and its base model)"
     out = []
@@ -269,7 +270,7 @@ def estimate_for_config(cfg, stats:dict|None=None):
                            targets=cfg.lora.target_modules, gradient_checkpointing=cfg.model.gradient_checkpointing,
                            dtype=dtype, lora_dropout=cfg.lora.dropout, device=pick_device(cfg.model.device), **shape)
 
-# %% ../nbs/10_doctor.ipynb #c051
+# %% ../nbs/10_doctor.ipynb #c060
 def device_memory(device:str) -> int|None:
     "Bytes of memory on `device`: the GPU's, or the machine's RAM (None where it cannot be read)"
     if device == 'cuda': return torch.cuda.get_device_properties(0).total_memory

@@ -13,11 +13,13 @@ from contextlib import contextmanager
 # %% auto #0
 __all__ = ['GGUF_DTYPES', 'FILE_TYPES', 'gguf_metadata', 'gguf_tensor_table', 'ExportError', 'read_model_config', 'rope_settings',
            'llama_hparams', 'permute_qk', 'unpermute_qk', 'checkpoint_index', 'gguf_name', 'llama_gguf_tensors',
-           'storage_type', 'pre_tokenizer_name', 'byte_level_vocab', 'sentencepiece_vocab', 'tokenizer_metadata',
-           'write_gguf', 'export_gguf', 'load_gguf', 'check_gguf_lora', 'lora_gguf_tensors', 'export_lora_gguf']
+           'storage_type', 'pre_tokenizer_name', 'byte_level_vocab', 'sentencepiece_vocab', 'end_of_turn_id',
+           'tokenizer_metadata', 'write_gguf', 'export_gguf', 'load_gguf', 'check_gguf_lora', 'lora_gguf_tensors',
+           'export_lora_gguf']
 
 # %% ../nbs/13_export.ipynb #c004
 from .core import LoraNbError, quiet_hf_loading
+from .data import TemplateError, end_of_turn
 from .models import resolve_model
 from .adapters import base_model_name, check_adapter_fits, read_adapter_config, read_adapter_weights
 import numpy as np
@@ -200,6 +202,17 @@ def sentencepiece_vocab(spec:dict, vocab_size:int, unk_id:int|None) -> dict:
             'tokenizer.ggml.scores': scores, 'tokenizer.ggml.token_type': [int(t) for t in types],
             'tokenizer.ggml.merges': merges, 'tokenizer.ggml.add_space_prefix': _prepends_space(spec)}
 
+# %% ../nbs/13_export.ipynb #c062
+def end_of_turn_id(tok) -> int|None:
+    "Id of the special token the chat template closes an assistant turn with (SmolLM2: <|im_end|>); None if it is not one"
+    try: text = end_of_turn(tok).strip()
+    except TemplateError as e:
+        raise ExportError(f"tokenizer chat_template: {e}; cannot tell which token ends an assistant turn "
+                          "(fix or remove chat_template in tokenizer_config.json)") from None
+    ids = tok(text, add_special_tokens=False)['input_ids']
+    special = len(ids) == 1 and ids[0] in tok.added_tokens_decoder and tok.added_tokens_decoder[ids[0]].special
+    return int(ids[0]) if special else None
+
 # %% ../nbs/13_export.ipynb #c036
 def _adds_token(tok, token_id, first:bool) -> bool:
     "Does the tokenizer add `token_id` at the start (`first`) or end of an encoded text by itself?"
@@ -217,7 +230,9 @@ def tokenizer_metadata(tok, vocab_size:int) -> dict:
            'tokenizer.ggml.add_eos_token': _adds_token(tok, tok.eos_token_id, False)}
     for key, tid in (('bos', tok.bos_token_id), ('eos', tok.eos_token_id), ('unknown', tok.unk_token_id), ('padding', tok.pad_token_id)):
         if tid is not None: md[f'tokenizer.ggml.{key}_token_id'] = int(tid)
-    if getattr(tok, 'chat_template', None): md['tokenizer.chat_template'] = tok.chat_template
+    if getattr(tok, 'chat_template', None):
+        md['tokenizer.chat_template'] = tok.chat_template
+        if (eot := end_of_turn_id(tok)) is not None: md['tokenizer.ggml.eot_token_id'] = eot
     return md
 
 # %% ../nbs/13_export.ipynb #c040
@@ -303,7 +318,7 @@ def check_gguf_lora(adapter_dir) -> dict:
         raise ExportError(f"{p}: modules_to_save {a['modules_to_save']} are full weights, not LoRA pairs; export the merged model instead")
     return a
 
-# %% ../nbs/13_export.ipynb #c063
+# %% ../nbs/13_export.ipynb #c066
 def _peft_scale(a:dict, module:str, r:int) -> float:
     "PEFT's LoRA scale for `module`: its alpha (`alpha_pattern` may set it) over r, or over sqrt(r) with rsLoRA"
     patterns = a.get('alpha_pattern') or {}

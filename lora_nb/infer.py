@@ -13,7 +13,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'AnswerOver', 'stop_token_ids', 'generate_responses', 'extract_response', 'token_f1',
            'score_text', 'score_responses', 'evaluate', 'supervised_loss', 'load_inference_base', 'metrics_table',
-           'save_metrics', 'reply']
+           'save_metrics', 'measure', 'reply', 'Chat']
 
 # %% ../nbs/11_inference.ipynb #c004
 import torch
@@ -21,8 +21,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .core import atomic_write_text, pick_precision, resolve_dtype
 from .config import Config, load_config
 from .tasks import SCORERS, DataError, scorer_for
-from .data import (build_prompt, collator_for, detect_format, end_of_turn, prompt_ids, record_format, reference_answer,
-                          tokenize_records)
+from .data import (build_prompt, collator_for, detect_format, end_of_turn, prompt_ids, read_records, record_format,
+                          reference_answer, tokenize_records)
 from .models import load_base_from
 from .train import answer_loss
 
@@ -155,10 +155,45 @@ def save_metrics(metrics:dict, path, **about) -> Path:
     atomic_write_text(path, json.dumps({**metrics, **about}, indent=1, default=str) + '\n'); return Path(path)
 
 # %% ../nbs/11_inference.ipynb #c041
+def measure(model, tok, records, cfg:Config, task:str|None=None, progress:bool=False) -> dict:
+    "`supervised_loss` of `records` (the first `[eval] limit`), and `evaluate`'s scores for any format but text"
+    records = read_records(records)
+    m = supervised_loss(model, tok, records[:cfg.eval.limit or None], cfg)
+    if detect_format(records) != 'text': m |= evaluate(model, tok, records, cfg, task=task, progress=progress)
+    return m
+
+# %% ../nbs/11_inference.ipynb #c044
+def _message_record(message:str, instruction:str|None=None) -> dict:
+    "The instruction record of one message: the input under a fixed `instruction`, else the instruction itself"
+    return dict(instruction=instruction, input=message, output='') if instruction else dict(instruction=message, input='', output='')
+
 def reply(model, tok, message:str, cfg:Config, instruction:str|None=None) -> str:
     "The model's answer to one `message` (the record's input under a fixed `instruction`, else the instruction)"
-    rec = dict(instruction=instruction, input=message, output='') if instruction else dict(instruction=message, input='', output='')
     e = cfg.eval
-    raw = generate_responses(model, tok, [rec], cfg.data.template, e.max_new_tokens, do_sample=e.do_sample,
-                             temperature=e.temperature, top_p=e.top_p)[0]
+    raw = generate_responses(model, tok, [_message_record(message, instruction)], cfg.data.template, e.max_new_tokens,
+                             do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p)[0]
     return extract_response(raw)
+
+# %% ../nbs/11_inference.ipynb #c047
+class Chat:
+    "A conversation with a model: under template 'chat' each answer sees the messages so far; under 'alpaca' each message stands alone"
+    def __init__(self, model, tok, cfg:Config, system:str|None=None):
+        self.model, self.tok, self.cfg, self.system = model, tok, cfg, system
+        self.multi_turn = cfg.data.template == 'chat'
+        self.messages = [dict(role='system', content=system)] if system and self.multi_turn else []  # the transcript
+    def record(self, message:str) -> dict:
+        "What the model answers: the conversation so far plus `message` (chat), or `message` alone (alpaca)"
+        if self.multi_turn: return dict(messages=[*self.messages, dict(role='user', content=message)])
+        return _message_record(message, self.system)
+    def prompt(self, message:str) -> str:
+        "The text the model reads before it answers `message`"
+        return build_prompt(self.record(message), self.cfg.data.template, self.tok)
+    def send(self, message:str) -> str:
+        "The model's answer to `message`; both join the transcript"
+        if not self.multi_turn: answer = reply(self.model, self.tok, message, self.cfg, self.system)
+        else:
+            e = self.cfg.eval
+            answer = generate_responses(self.model, self.tok, [self.record(message)], 'chat', e.max_new_tokens, do_sample=e.do_sample,
+                                        temperature=e.temperature, top_p=e.top_p)[0].strip()
+        self.messages += [dict(role='user', content=message), dict(role='assistant', content=answer)]
+        return answer

@@ -1,15 +1,19 @@
 "Bench: `run_bench` end to end on the tiny model (a smoke test: no timing is asserted), and its arithmetic."
 import json, math
+from types import SimpleNamespace
 import pytest
 
-from lora_nb.bench import run_bench, summarize_bench, format_bench, lora_roofline, measure_recipe
+from lora_nb.core import cpu_flags, cpu_name
+from lora_nb.memory import model_shape
+from lora_nb.bench import (run_bench, summarize_bench, format_bench, lora_roofline, measure_recipe, PROFILE_GROUPS, op_group,
+                           profile_groups, profile_step, step_gemms)
 
 
 @pytest.fixture(scope='module')
 def tiny_bench(tmp_path_factory):
-    "One bench of all six recipes on the tiny model: 2 steps of 2 examples each, eval on 8 validation examples"
+    "One bench of all six recipes on the tiny model: 2 steps of 2 examples each, eval on 8 validation examples; profiled"
     lines, path = [], tmp_path_factory.mktemp('bench')/'bench.json'
-    summary = run_bench(model='tiny', steps=2, examples=8, batch_size=2, save=str(path), out=lines.append)
+    summary = run_bench(model='tiny', steps=2, examples=8, batch_size=2, save=str(path), out=lines.append, profile=True)
     return summary, lines, path
 
 
@@ -20,8 +24,10 @@ def test_last_line_is_the_json_summary(tiny_bench):
     for key in ('speedup_vs_seed_recipe', 'speedup_vs_trl_default', 'roofline_fraction', 'qlora_to_lora_memory',
                 'roofline_fraction_answer_head', 'matmul_gflops', 'recipes'):
         assert summary[key] is not None, key
-    # when and where: a saved bench says what it was measured on
+    # when and where: a saved bench says what it was measured on, with the CPU's bf16 flags
     assert summary['machine']['cpus'] >= 1 and summary['machine']['cpu'] and summary['date']
+    assert (summary['cpu'], summary['cpu_flags']) == (cpu_name(), cpu_flags())
+    assert f"CPU: {cpu_name()}; bf16 flags: {', '.join(cpu_flags()) or 'none'}" in lines[-2]  # the table
     assert summary['load_average_before'] >= 0 and summary['wall_seconds'] > 0
 
 
@@ -77,8 +83,86 @@ def test_summary_arithmetic():
     missing = summarize_bench(dict(lora_nb=rec(100, 400)), dict(fp32=1e-6, bf16=4e-6))
     assert missing['speedup_vs_seed_recipe'] is None and missing['qlora_to_lora_memory'] is None
     assert missing['roofline_fraction_cpu'] is None  # no per-CPU-second peak measured
+    assert missing['own_shape_fraction'] is None and missing['profile'] is None  # no profile taken
+    # against the roofline at the step's own shapes: with LoRA's matmuls and without
+    own = summarize_bench(dict(lora_nb=rec(100, 400)), dict(fp32=1e-6, bf16=4e-6), dict(tokens_per_sec=400, tokens_per_sec_base=500))
+    assert own['own_shape_fraction'] == pytest.approx(0.25) and own['own_shape_fraction_base'] == pytest.approx(0.2)
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match='use one of seed, trl, lora_nb, lora_fp32, qlora, qlora_no_gc'): measure_recipe('unsloth')
     with pytest.raises(ValueError, match='steps must be >= 2'): measure_recipe('lora_nb', steps=1)
+
+
+def test_profile_of_lora_nb_step(tiny_bench):
+    "run_bench(profile=True): every group has a row, the rows add up to the step, the matmuls are told apart"
+    summary, lines, _ = tiny_bench
+    p = summary['profile']
+    rows = {g['group']: g for g in p['groups']}
+    assert list(rows) == list(PROFILE_GROUPS)
+    assert sum(g['share'] for g in rows.values()) == pytest.approx(1.0)
+    assert sum(g['ms'] for g in rows.values()) == pytest.approx(p['ms_per_step'])
+    assert (p['steps'], p['warmup_steps'], p['batch_size'], p['r']) == (1, 1, 2, 16)
+    shape = model_shape('tiny')
+    L, n = shape.layers, len(shape.linear_shapes())
+    # base: forward + input gradient; LoRA's A and B: forward, input and weight gradient; the first layer's q, k, v
+    # pass no gradient down to the frozen embeddings; the head: forward + input gradient
+    assert (rows['base_matmul']['calls'], rows['lora_matmul']['calls'], rows['lm_head']['calls']) == (2 * L * n - 3, 6 * L * n - 3, 2)
+    for g in ('attention', 'cross_entropy', 'optimizer', 'casts', 'elementwise'): assert rows[g]['ms'] > 0, g
+    assert p['tokens_per_step'] > p['supervised_per_step'] > 0
+    assert "where a lora_nb step goes" in '\n'.join(lines) and "LoRA's small matmuls" in lines[-2]
+
+
+def test_own_shape_roofline(tiny_bench):
+    "The second roofline: lora_nb's step's own matmuls timed, and lora_nb's tokens/s against it"
+    summary, lines, _ = tiny_bench
+    o, ours = summary['own_shape_roofline'], summary['recipes']['lora_nb']
+    assert (o['tokens'], o['answer_tokens'], o['r']) == (round(ours['tokens_per_step']), round(ours['supervised_per_step']), 16)
+    assert o['dtype'] == ('bfloat16' if ours['settings']['bf16'] else 'float32')
+    assert all(v > 0 for v in o['gflops'].values()) and all(g['seconds'] > 0 for g in o['gemms'])
+    assert 0 < o['tokens_per_sec'] < o['tokens_per_sec_base']
+    assert summary['own_shape_fraction'] == pytest.approx(ours['tokens_per_sec'] / o['tokens_per_sec'])
+    assert summary['own_shape_fraction_base'] == pytest.approx(ours['tokens_per_sec'] / o['tokens_per_sec_base'])
+    assert any(l.startswith('own-shape roofline') for l in format_bench(summary).splitlines())
+
+
+def test_step_gemms_are_the_roofline_work():
+    "Base + head matmuls of a step are the 4N roofline's FLOPs; LoRA's add 6 FLOPs per LoRA weight per token"
+    shape = model_shape('tiny')
+    flops = lambda gemms, part: sum(2 * g['m'] * g['k'] * g['n'] * g['count'] for g in gemms if g['part'] == part)
+    body = shape.layers * sum(i * o for i, o in shape.linear_shapes().values())
+    gemms = step_gemms(shape, tokens=300, answer_tokens=70, r=8)
+    assert flops(gemms, 'base') + flops(gemms, 'head') == 4 * (body * 300 + shape.vocab * shape.hidden * 70)
+    assert flops(gemms, 'lora') == 6 * 300 * 8 * shape.layers * sum(i + o for i, o in shape.linear_shapes().values())
+    qv = step_gemms(shape, tokens=300, answer_tokens=70, r=8, targets=['q_proj', 'v_proj'])
+    assert flops(qv, 'lora') == 6 * 300 * 8 * shape.layers * (64 + 64 + 64 + 32)
+    assert flops(qv, 'base') == flops(gemms, 'base')
+
+
+def _event(name, parent=None, us=0.0, shapes=()):
+    e = SimpleNamespace(name=name, cpu_parent=parent, self_cpu_time_total=us, input_shapes=[list(s) for s in shapes],
+                        device_type=SimpleNamespace(name='CPU'))
+    return e
+
+
+def test_profile_groups_sorts_and_adds_up():
+    "Context first (what an op runs inside), then matmul shapes, then names; 'other' takes the rest of the step"
+    sdpa = _event('aten::scaled_dot_product_attention', us=100)
+    opt = _event('Optimizer.step#AdamW.step', us=50)
+    bwd = _event('autograd::engine::evaluate_function: LogSoftmaxBackward0', us=30)
+    events = [sdpa, _event('aten::bmm', sdpa, 400), _event('aten::copy_', sdpa, 100),  # attention, whatever runs in it
+              opt, _event('aten::_fused_adamw_', opt, 200),
+              bwd, _event('aten::_log_softmax_backward_data', bwd, 300),
+              _event('aten::mm', us=1000, shapes=[(371, 64), (64, 16)]), _event('aten::mm', us=3000, shapes=[(371, 64), (64, 128)]),
+              _event('aten::addmm', us=500, shapes=[(49152,), (90, 64), (64, 49152)]),
+              _event('aten::copy_', us=700), _event('aten::mul', us=900), _event('aten::view', us=10), _event('aten::brand_new', us=90)]
+    rows = {g['group']: g for g in profile_groups(events, seconds_per_step=0.005, steps=2, r=16, vocab=49152)}
+    ms = {g: round(v['ms'], 6) for g, v in rows.items()}
+    assert ms == dict(elementwise=0.45, base_matmul=1.5, casts=0.35, lora_matmul=0.5, autograd=0.005, attention=0.3,
+                      cross_entropy=0.165, lm_head=0.25, optimizer=0.125, other=5 - 3.645)
+    assert rows['attention']['calls'] == 1.5 and sum(r['share'] for r in rows.values()) == pytest.approx(1.0)
+    assert op_group('aten::_foreach_norm', [], 16, 49152) == 'optimizer'
+
+
+def test_profile_step_needs_a_warmup_step():
+    with pytest.raises(ValueError, match='warmup must be >= 1'): profile_step('tiny', steps=1, warmup=0)

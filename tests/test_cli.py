@@ -28,13 +28,23 @@ def adapter(tmp_path_factory):
 
 
 def test_eval_prints_table_then_json(adapter, tmp_path):
+    "With an adapter: the base alone and base + adapter side by side; the JSON line has the adapter's figures, the base's under 'before'"
     code, out, err = run('eval', '--adapter', adapter, '--limit', 5, '--output', tmp_path/'m.json')
     assert code == 0, err[-3000:]
     last = json.loads(out.strip().splitlines()[-1])
-    assert {'n', 'json_valid', 'intent', 'order_id', 'urgent', 'exact_match'} <= set(last) and last['n'] == 5
-    assert all(0 <= last[k] <= 1 for k in ('json_valid', 'intent', 'order_id', 'urgent', 'exact_match'))
-    assert json.loads((tmp_path/'m.json').read_text())['n'] == 5
-    assert 'exact_match' in out.splitlines()[-3] or any(l.startswith('exact_match') for l in out.splitlines())
+    keys = {'n', 'loss', 'perplexity', 'json_valid', 'intent', 'order_id', 'urgent', 'exact_match'}
+    assert keys <= set(last) and last['n'] == 5
+    assert keys <= set(last['before']) and last['before']['n'] == 5 and 'before' not in last['before']
+    assert all(0 <= m[k] <= 1 for m in (last, last['before']) for k in ('json_valid', 'intent', 'order_id', 'urgent', 'exact_match'))
+    assert last['loss'] != last['before']['loss']  # the adapter was switched off for the base column, and on for the other
+    assert json.loads((tmp_path/'m.json').read_text())['before']['n'] == 5
+    lines = out.splitlines()
+    assert lines[0].split() == ['base', 'base', '+', 'adapter']
+    row = next(l for l in lines if l.startswith('exact_match')).split()
+    assert [float(x) for x in row[1:]] == [round(last['before']['exact_match'], 3), round(last['exact_match'], 3)]
+    code, out, err = run('eval', '--adapter', adapter, '--limit', 2, '--no-base', '--output', tmp_path/'m2.json')
+    assert code == 0 and out.splitlines()[0].split() == ['base', '+', 'adapter'], err[-3000:]
+    assert 'before' not in json.loads(out.strip().splitlines()[-1])
 
 
 def test_eval_zero_shot_base(tmp_path):
@@ -61,6 +71,8 @@ def test_merge_then_export(adapter, tmp_path):
     (('export', '--output', 'x.gguf'), 2, 'one of the arguments --model --adapter is required'),
     (('export', '--model', 'm', '--adapter', 'a', '--output', 'x.gguf'), 2, 'not allowed with argument'),
     (('train', '--set', 'data.train_file=/no/such.jsonl'), 1, '/no/such.jsonl'),
+    (('data', 'check', '/no/such.jsonl'), 1, 'lora-nb data check: error: /no/such.jsonl: file not found'),
+    (('data',), 2, 'the following arguments are required: ACTION'),
     (('frobnicate',), 2, "invalid choice: 'frobnicate'"),
 ])
 def test_errors_are_one_line(args, code, message):
@@ -69,9 +81,10 @@ def test_errors_are_one_line(args, code, message):
     assert message in err and 'Traceback' not in err, err[-3000:]
 
 
-@pytest.mark.parametrize('cmd', ['train', 'eval', 'chat', 'demo', 'merge', 'export', 'bench', 'estimate', 'doctor', 'tensorboard'])
+@pytest.mark.parametrize('cmd', ['train', 'eval', 'chat', 'data', 'data show', 'data check', 'demo', 'merge', 'export', 'bench',
+                                 'estimate', 'doctor', 'tensorboard'])
 def test_every_subcommand_has_help(cmd):
-    code, out, err = run(cmd, '--help')
+    code, out, err = run(*cmd.split(), '--help')
     assert code == 0 and 'usage: lora-nb' in out
 
 
@@ -80,6 +93,70 @@ def test_chat_answers_one_message(adapter):
                          'Triage this support ticket. Reply with JSON: intent, order_id, urgent.', '-m', 'Where is order 12345?')
     assert code == 0 and 'Traceback' not in err, err[-3000:]
     assert out.endswith('\n')  # one answer printed (the tiny random model's text itself can be anything)
+    assert 'template=alpaca: each message is answered on its own' in err  # and it says there is no conversation
+
+
+def test_chat_keeps_the_history():
+    "template=chat: the second prompt is the first one, the model's first answer and the second message"
+    code, out, err = run('chat', '--base', 'tiny', '--set', 'data.template=chat', '--show-prompt',
+                         '-m', 'Where is order 12345?', '-m', 'And order 67890?')
+    assert code == 0, err[-3000:]
+    first, second = [p.strip('\n') for p in err.split('--- prompt ---\n')[1:]]
+    assert first.endswith('<|im_start|>user\nWhere is order 12345?<|im_end|>\n<|im_start|>assistant')
+    assert second.startswith(first) and second.endswith('<|im_start|>user\nAnd order 67890?<|im_end|>\n<|im_start|>assistant')
+    answer = second[len(first):].split('<|im_end|>')[0].strip()   # the first answer, as the second prompt holds it
+    assert out.startswith(answer + '\n')
+    assert 'template=alpaca' not in err
+
+
+def test_chat_reads_lines_until_the_end_of_input():
+    r = subprocess.run([LORA_NB, 'chat', '--base', 'tiny', '--set', 'data.template=chat', '--show-prompt'], input='Hi\n\nWhere is 12345?\n',
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prompts = r.stderr.split('--- prompt ---\n')[1:]
+    assert len(prompts) == 2 and 'Hi<|im_end|>' in prompts[1] and prompts[1].rstrip().endswith('Where is 12345?<|im_end|>\n<|im_start|>assistant')
+
+
+# --- a user's data file: show, check, doctor -------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def chats(tmp_path_factory):
+    "A conversations file with a misspelled role (line 2), a conversation without an answer (line 3) and a duplicate (line 4)"
+    turns = lambda *t: [dict(role=r, content=c) for r, c in t]
+    recs = [turns(('user', 'Where is order 58392?'), ('assistant', 'It ships today.')),
+            turns(('user', 'Hi'), ('asistant', 'Hello')),
+            turns(('system', 'Be brief.'), ('user', 'Hi')),
+            turns(('user', 'Where is order 58392?'), ('assistant', 'It ships today.'))]
+    d = tmp_path_factory.mktemp('chats')
+    (d/'bad.jsonl').write_text(''.join(json.dumps(dict(messages=m)) + '\n' for m in recs))
+    (d/'good.jsonl').write_text(''.join(json.dumps(dict(messages=m)) + '\n' for m in recs[:1]))
+    return d
+
+
+def test_data_show_marks_what_trains(chats):
+    code, out, err = run('data', 'show', chats/'bad.jsonl', '--n', 2)
+    assert code == 0, err[-3000:]
+    assert out.count('── ') == 2 and '⟦It ships today.<|im_end|>⟧' in out and '\x1b[' not in out  # not a terminal: markers
+    assert "  problem: messages[1]: role 'asistant' is not one of system, user, assistant" in out.splitlines()
+    code, out, err = run('data', 'show', chats/'good.jsonl', '--color', 'always')
+    assert code == 0 and '\x1b[1;42;30mIt ships today.<|im_end|>\x1b[0m' in out and '⟦' not in out, err[-3000:]
+
+
+def test_data_check_counts_and_exits_1_on_errors(chats):
+    code, out, err = run('data', 'check', chats/'bad.jsonl')
+    assert code == 1, out + err[-3000:]
+    lines = out.splitlines()
+    assert "  line 2, messages[1]: role 'asistant' is not one of system, user, assistant" in lines
+    assert 'duplicates: 1, without an assistant turn: 1, role errors: 1' in lines and '3 error(s):' in lines
+    code, out, err = run('data', 'check', chats/'good.jsonl', '--json', '--set', 'data.max_length=43')
+    report = json.loads(out)
+    assert code == 0 and report['ok'] and report['formats'] == {'conversations': 1}, err[-3000:]
+    assert report['max_length'] == 43 and report['truncated'] == 1 and 0 < report['supervised_lost'] < report['supervised_tokens']
+
+
+def test_doctor_on_a_file(chats):
+    code, out, err = run('doctor', '--data', chats/'bad.jsonl')
+    assert code == 1 and "[error] records: 3 problem(s)" in out and "role 'asistant'" in out, out + err[-2000:]
 
 
 def test_doctor_clean_and_faulty():

@@ -326,6 +326,27 @@ def test_validation_reports_truncation_and_rejects_prompts_too_long(tok):
         tokenize_records([dict(instruction='Triage.', input='word ' * 60, output='x')], tok, max_length=48)
 
 
+def test_supervised_tokens_lost_to_max_length(tok):
+    "supervised_lost: what max_length cuts off of the learned tokens, a prompt that leaves nothing included"
+    from lora_nb.data import ValidationReport
+    long_out = dict(instruction='Triage.', input='hi', output='word ' * 80)
+    too_long = dict(instruction='Triage.', input='word ' * 60, output='x y z')
+    recs = [GOOD, long_out, too_long]
+    rep = validate_records(recs, tok, max_length=48, raise_errors=False)
+    learned = lambda L: sum(l != -100 for r in recs for l in tokenize_example(r, tok, max_length=L)['labels'])
+    assert rep.supervised_lost == (learned(10**6) - learned(48), learned(10**6))
+    assert rep.supervised_lost[0] > rep.truncated[0]['response_tokens_lost']  # the too-long prompt's answer counts as lost
+    assert 'supervised tokens cut by max_length' in rep._repr_markdown_()
+    assert ValidationReport('x', 0, 8).supervised_lost == (0, 0)
+
+
+@pytest.mark.parametrize('xs, q, expected', [([5, 1, 4, 2, 3], 50, 3), ([5, 1, 4, 2, 3], 90, 5), ([5, 1, 4, 2, 3], 20, 1),
+                                             ([7], 99, 7), (list(range(1, 101)), 99, 99), (list(range(1, 101)), 100, 100)])
+def test_percentile_is_nearest_rank(xs, q, expected):
+    from lora_nb.data import percentile
+    assert percentile(xs, q) == expected
+
+
 def test_shipped_data_validates(tok):
     for task in TASKS:
         for split in SPLIT_SIZES:

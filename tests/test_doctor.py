@@ -62,6 +62,22 @@ def test_truncation_share(tok, records):
     found = check_data(fast('data.max_length=112'), tok, records)
     assert checks(found) == ['truncation'] and '%' in found[0].evidence
 
+def test_truncation_reports_the_share_of_supervised_tokens_lost(tok, records):
+    "Conversations cut by max_length: the finding gives the share of supervised tokens lost, the figure data_report computes"
+    from lora_nb.data import data_report
+    chats = [dict(messages=[dict(role='user', content=r['input']), dict(role='assistant', content=r['output'])]) for r in records[:40]]
+    rep = data_report(chats, tok, max_length=96)
+    assert 0 < rep['supervised_lost'] < rep['supervised_tokens']
+    found = [f for f in diagnose(fast('data.max_length=96'), tokenizer=tok, records=chats) if f.check == 'truncation']
+    assert len(found) == 1 and found[0].severity == 'warning'
+    assert f"{rep['supervised_lost']:,} of {rep['supervised_tokens']:,} supervised tokens ({rep['supervised_lost_share']:.1%})" in found[0].evidence
+
+def test_conversation_answers_past_max_length_leave_nothing_to_learn(tok):
+    chat = [dict(messages=[dict(role='user', content='word ' * 60), dict(role='assistant', content='ok')])]
+    found = check_data(fast('data.max_length=48'), tok, chat)
+    assert checks(found) == ['supervised-tokens', 'truncation'] and 'past max_length=48' in found[0].evidence
+    assert '(100.0%)' in found[1].evidence
+
 def test_prompt_longer_than_max_length(tok, records):
     assert 'supervised-tokens' in checks(check_data(fast('data.max_length=40'), tok, records))
 

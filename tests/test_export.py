@@ -1,5 +1,6 @@
 """GGUF export (lora_nb.export) and running the files (lora_nb.deploy): round trips through transformers (and llama.cpp
-when installed), Q8_0 on the real model, LoRA files and their refusals, the Ollama Modelfile."""
+when installed), Q8_0 on the real model, LoRA files and their refusals, the chat template and end-of-turn id in the
+GGUF, the Ollama Modelfile (Alpaca, and chat templates translated to Go and checked on multi-turn conversations)."""
 import json, os
 from pathlib import Path
 
@@ -11,13 +12,13 @@ from gguf import GGUFReader
 from lora_nb.core import LoraNbError
 from lora_nb.config import data_path, load_config
 from lora_nb.tasks import TASKS
-from lora_nb.data import build_prompt, read_records
-from lora_nb.models import attach_lora, embedded_checkpoint, load_base, resolve_model
+from lora_nb.data import build_prompt, end_of_turn, read_records
+from lora_nb.models import attach_lora, embedded_checkpoint, load_base, load_tokenizer, resolve_model
 from lora_nb.adapters import AdapterError
-from lora_nb.export import (ExportError, check_gguf_lora, export_gguf, export_lora_gguf, gguf_metadata, gguf_tensor_table,
+from lora_nb.export import (ExportError, check_gguf_lora, end_of_turn_id, export_gguf, export_lora_gguf, gguf_metadata, gguf_tensor_table,
                             llama_gguf_tensors, load_gguf, read_model_config, tokenizer_metadata)
-from lora_nb.deploy import (OLLAMA_TEMPLATES, export_for_ollama, llama_cpp_generate, llama_cpp_status, llama_cpp_tokenize,
-                            render_go_template, transformers_greedy_ids, write_modelfile)
+from lora_nb.deploy import (OLLAMA_ALPACA, export_for_ollama, llama_cpp_generate, llama_cpp_status, llama_cpp_tokenize,
+                            ollama_chat_template, ollama_values, render_go_template, transformers_greedy_ids, write_modelfile)
 
 CFG = load_config(profile='fast')
 RECORDS = read_records(data_path(CFG.data.test_file))[:8]
@@ -152,25 +153,134 @@ def test_lora_refusals(stand_in, tmp_path):
     assert not list(tmp_path.glob('*.gguf')) and not list(tmp_path.glob('.*.tmp'))
 
 
+def _modelfile_parts(text):
+    "(TEMPLATE, SYSTEM or None, [stop strings]) of a Modelfile's text"
+    block = lambda key: text.split(f'{key} """')[1].split('"""')[0] if f'{key} """' in text else None
+    return block('TEMPLATE'), block('SYSTEM'), [l.split('"')[1] for l in text.splitlines() if l.startswith('PARAMETER stop ')]
+
+
 def test_modelfile(stand_in, tmp_path):
     f = export_for_ollama(stand_in[1], tmp_path/'ticket.gguf', 'q8_0', CFG)
     assert f == tmp_path/'ticket.gguf' and gguf_metadata(f)['general.file_type'] == 7  # MOSTLY_Q8_0
     text = (tmp_path/'Modelfile').read_text()
     assert 'FROM ./ticket.gguf\n' in text and 'PARAMETER stop "<|im_end|>"\nPARAMETER stop "###"\n' in text
     assert f'SYSTEM """{TASKS["tickets"]["instruction"]}"""' in text and 'PARAMETER temperature 0\n' in text
-    tpl = text.split('TEMPLATE """')[1].split('"""')[0]
+    tpl, system, _ = _modelfile_parts(text)
     r = RECORDS[0]
-    assert render_go_template(tpl, System=r['instruction'], Prompt=r['input']) == build_prompt(r, 'alpaca')
+    assert tpl == OLLAMA_ALPACA and system == r['instruction']
+    assert render_go_template(tpl, System=system, Prompt=r['input']) == build_prompt(r, 'alpaca')
     assert render_go_template(tpl, Prompt='Say hi.') == build_prompt(dict(instruction='Say hi.', input=''), 'alpaca')
     sampled = load_config(profile='fast', overrides=['eval.do_sample=true', 'eval.temperature=0.3', 'eval.top_p=0.8'])
     text = write_modelfile(f, stand_in[3], sampled).read_text()
     assert 'PARAMETER temperature 0.3\nPARAMETER top_p 0.8\n' in text
+
+
+# a system message, two user/assistant exchanges and a final user turn
+CONVO = [dict(role='system', content='You are a support agent.\nReply in JSON when you can.'),
+         dict(role='user', content='My parcel never came.'), dict(role='assistant', content='Sorry! What is the order number?'),
+         dict(role='user', content='It is #58392, ordered on 3 May.'), dict(role='assistant', content='{"intent": "order_status", "order_id": 58392}'),
+         dict(role='user', content='Any news? It is urgent!')]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}{% set sys = messages[0]['content'] %}{% else %}"
+          "{% set rest = messages %}{% set sys = false %}{% endif %}{% for m in rest %}{% if loop.index0 == 0 and sys != false %}"
+          "{% set c = '<<SYS>>\n' + sys + '\n<</SYS>>\n\n' + m['content'] %}{% else %}{% set c = m['content'] %}{% endif %}"
+          "{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + c.strip() + ' [/INST]' }}{% else %}{{ ' ' + c.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def _with_template(model_dir, template, eos=None):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = template
+    if eos: tok.eos_token = eos
+    return tok
+
+
+def test_gguf_holds_chat_template_and_end_of_turn(stand_in, f32_file, tmp_path):
+    "Read back with GGUFReader: the chat template, the EOS and the end-of-turn id are the tokenizer's"
+    tok = stand_in[3]
+    md = gguf_metadata(f32_file)
+    assert md['tokenizer.chat_template'] == tok.chat_template
+    assert md['tokenizer.ggml.eos_token_id'] == tok.eos_token_id == tok.convert_tokens_to_ids('<|im_end|>')
+    assert md['tokenizer.ggml.eot_token_id'] == tok.convert_tokens_to_ids(end_of_turn(tok)) == tok.convert_tokens_to_ids('<|im_end|>')
+    # EOS and end of turn apart: the end of turn comes from the template, not from the EOS
+    import shutil
+    d = tmp_path/'chatml'; shutil.copytree(stand_in[1], d)
+    _with_template(d, CHATML, eos='<|endoftext|>').save_pretrained(d)
+    md = gguf_metadata(export_gguf(d, tmp_path/'chatml.gguf'))
+    assert (md['tokenizer.ggml.eos_token_id'], md['tokenizer.ggml.eot_token_id'], md['tokenizer.chat_template']) == (
+        tok.convert_tokens_to_ids('<|endoftext|>'), tok.convert_tokens_to_ids('<|im_end|>'), CHATML)
+    # no special token closes the turn: no end-of-turn id; nothing closes it: refused, nothing written
+    dashes = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n--\n' }}{% endfor %}"
+    assert end_of_turn_id(_with_template(d, dashes)) is None
+    assert 'tokenizer.ggml.eot_token_id' not in tokenizer_metadata(_with_template(d, dashes), 49152)
+    _with_template(d, "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n\n' }}{% endfor %}").save_pretrained(d)
+    with pytest.raises(ExportError, match='no end-of-turn marker'): export_gguf(d, tmp_path/'blank.gguf')
+    assert not (tmp_path/'blank.gguf').exists()
+
+
+def _ollama_text(o, msgs): return render_go_template(o['template'], **ollama_values(msgs, o['system']))
+
+
+def _jinja_text(tok, msgs): return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_modelfile_renders_the_jinja_template(stand_in, tmp_path):
+    "template = chat: the Modelfile's TEMPLATE, SYSTEM and stop lines, rendered as Ollama would, give the chat template's text"
+    tok = load_tokenizer('tiny')  # SmolLM2's tokenizer and template (a default system message)
     chat = load_config(profile='fast', overrides=['data.template=chat'])
-    text = write_modelfile(f, stand_in[3], chat).read_text()
-    tpl = text.split('TEMPLATE """')[1].split('"""')[0]
-    system = text.split('SYSTEM """')[1].split('"""')[0]
-    assert tpl == OLLAMA_TEMPLATES['chat']
-    assert render_go_template(tpl, System=system, Prompt=f"{r['instruction']}\n\n{r['input']}") == build_prompt(r, 'chat', stand_in[3])
+    text = write_modelfile(tmp_path/'m.gguf', tok, chat).read_text()
+    tpl, system, stop = _modelfile_parts(text)
+    assert '{{ range .Messages }}' in tpl and '{{ if .System }}' in tpl and 'eq .Role "user"' in tpl
+    assert system == 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' and stop == ['<|im_end|>']
+    o = dict(template=tpl, system=system)
+    for msgs in (CONVO, CONVO[1:], CONVO[1:2]):
+        assert _ollama_text(o, msgs) == _jinja_text(tok, msgs) == build_prompt(dict(messages=msgs), 'chat', tok)
+    r = RECORDS[0]  # an instruction record: the user's message is the instruction, a blank line, the input
+    assert _ollama_text(o, [dict(role='user', content=f"{r['instruction']}\n\n{r['input']}")]) == build_prompt(r, 'chat', tok)
+    # ChatML without a default system message, and a Llama 3 style template
+    for template, want_system, want_stop in ((CHATML, None, ['<|im_end|>']), (LLAMA3, None, ['<|eot_id|>', '<|im_end|>'])):
+        t = _with_template(stand_in[1], template)
+        o = ollama_chat_template(t)
+        assert (o['system'], o['stop']) == (want_system, want_stop)
+        for msgs in (CONVO, CONVO[1:]): assert _ollama_text(o, msgs) == _jinja_text(t, msgs)
+        assert '<|im_start|>system' not in _ollama_text(o, CONVO[1:])
+
+
+def test_chat_modelfile_refusals(stand_in, tmp_path):
+    "A chat template the Go template cannot follow is refused, and no Modelfile is written"
+    chat = load_config(profile='fast', overrides=['data.template=chat'])
+    assert "m['role'] + '\n'" in CHATML
+    numbered = CHATML.replace("m['role'] + '\n'", "m['role'] + ' ' + loop.index|string + '\n'")  # turns numbered: caught by the check
+    history = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}{% if not loop.last %}{{ '<|im_end|>\n' }}{% endif %}"
+               "{% endfor %}")
+    for template, why in ((LLAMA2, 'not render a system message as a turn of its own'), (numbered, 'chat_template: '),
+                          (history, 'neither without one nor with a fixed default one'), (None, 'a chat template; this one has none')):
+        with pytest.raises(ExportError, match=why): write_modelfile(tmp_path/'m.gguf', _with_template(stand_in[1], template), chat)
+    assert not (tmp_path/'Modelfile').exists()
+
+
+def test_chat_template_check_catches_a_wrong_piece(stand_in, monkeypatch):
+    "The last line of defence: pieces that render one message wrong are caught by the four-chat check"
+    import lora_nb.deploy as dp
+    tok, real = stand_in[3], dp._chat_pieces
+    assert ollama_chat_template(tok)['system']
+    monkeypatch.setattr(dp, '_chat_pieces', lambda t: real(t) | dict(asst_suf='<|im_end|>'))  # the newline after an assistant turn lost
+    with pytest.raises(ExportError, match="differs at character"): ollama_chat_template(tok)
+
+
+def test_go_template_subset():
+    tpl = ('{{ if .System }}S:{{ .System }};{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}U:{{ .Content }};'
+           '{{ else if eq .Role "assistant" }}A:{{ .Content }};{{ else }}?{{ end }}{{ else }}empty{{ end }}>')
+    msgs = [dict(role='system', content='s'), dict(role='user', content='a'), dict(role='assistant', content='b'), dict(role='tool', content='c')]
+    assert render_go_template(tpl, **ollama_values(msgs)) == 'S:s;?U:a;A:b;?>'  # Ollama's .Messages keep the system message
+    assert render_go_template(tpl, Messages=[]) == 'empty>'
+    assert ollama_values([dict(role='user', content='a'), dict(role='user', content='b')], 'sys') == dict(
+        System='sys', Messages=[dict(role='system', content='sys'), dict(role='user', content='a\n\nb')])
+    for bad in ('{{ if .System }}x', '{{ end }}', '{{- .System }}', '{{ $.System }}', '{{ .System | html }}'):
+        with pytest.raises(ValueError): render_go_template(bad, System='x')
 
 
 def _lora_matches_merged(adapter_dir, merged_dir, tmp_path):

@@ -263,6 +263,89 @@ def test_mask_view(tok):
     assert mask_view(tokenize_example(dict(prompt='Q: 2 + 3 =', completion=' 5'), tok), tok) == 'Q: 2 + 3 =⟦ 5<|im_end|>⟧'
 
 
+# --- seeing what trains: show_records, mask_html, data_report ----------------------------------------------------
+
+def test_mask_view_styles_and_html(tok):
+    import html, re
+    from lora_nb.data import HTMLText, mask_html
+    ex = tokenize_example(dict(messages=CONVERSATIONS[2]), tok)
+    plain = mask_view(ex, tok)
+    assert plain.count('⟦') == plain.count('⟧') == 3
+    assert mask_view(ex, tok, 'ansi') == plain.replace('⟦', '\x1b[1;42;30m').replace('⟧', '\x1b[0m')
+    page = mask_html(ex, tok)
+    assert isinstance(page, HTMLText) and page._repr_html_() == str(page)
+    learned = re.findall(r'<span class="learned"[^>]*>(.*?)</span>', page, re.S)
+    assert [html.unescape(t) for t in learned] == ['Hello!\n\nHow can I help?<|im_end|>', 'Done: 12345 is refunded.<|im_end|>',
+                                                   'You are welcome.<|im_end|>']
+    assert html.unescape(re.sub(r'<[^>]+>', '', page)) == tok.decode(ex['input_ids'])
+    assert '&lt;|im_start|&gt;' in page and '<|im_start|>' not in page   # the template's text is escaped, not taken for tags
+
+
+def test_show_records(tmp_path, tok):
+    from lora_nb.data import show_records
+    bad = msgs(('user', 'Hi'), ('asistant', 'Hello'))
+    f = write_jsonl(tmp_path/'c.jsonl', [dict(messages=CONVERSATIONS[0]), dict(messages=bad), dict(messages=CONVERSATIONS[1])])
+    out = show_records(f, tok, n=2)
+    blocks = out.split('\n\n── ')
+    ex = tokenize_example(dict(messages=CONVERSATIONS[0]), tok)
+    n, k = len(ex['input_ids']), sum(l != -100 for l in ex['labels'])
+    assert blocks[0] == f"── {f}, line 1 · conversations · {n} tokens, {k} learned\n" + mask_view(ex, tok)
+    assert blocks[1] == f"{f}, line 2 · conversations · cannot train\n  problem: messages[1]: role 'asistant' is not one of system, user, assistant"
+    assert len(blocks) == 2                                                            # n=2 of 3 records
+    cut = show_records([dict(messages=CONVERSATIONS[1])], tok, max_length=ex_len(tok, CONVERSATIONS[1]) - 3).splitlines()[0]
+    assert cut.endswith(' · max_length=' + str(ex_len(tok, CONVERSATIONS[1]) - 3) + ' cuts 3 more tokens, 3 of them learned')
+    doc = dict(text='word ' * 150)
+    assert ' · 3 pieces of at most 64 tokens' in show_records([doc], tok, max_length=64)
+    assert show_records([doc], tok, max_length=64).count('⋯ next piece ⋯') == 2
+    page = show_records(f, tok, n=3, style='html')
+    assert page.count('<pre') == 2 and page.count('<b>── ') == 3 and 'role &#x27;asistant&#x27;' in page
+    with pytest.raises(DataError, match='no records'): show_records([], tok)
+
+
+def ex_len(tok, messages):
+    return len(tokenize_example(dict(messages=messages), tok, max_length=10**6)['input_ids'])
+
+
+def test_data_report_counts_every_kind_of_problem(tmp_path, tok):
+    from lora_nb.data import data_report, format_data_report, percentile
+    recs = [dict(messages=c) for c in CONVERSATIONS] + [
+        dict(messages=msgs(('user', 'Hi'), ('assistant', 'Hello'), ('user', 'Bye'), ('asistant', 'Bye!'))),   # line 4
+        dict(messages=msgs(('system', 'Be brief.'), ('user', 'Hi'))),                                          # line 5
+        dict(conversations=[{'from': 'human', 'value': 'Hi'}, {'from': 'robot', 'value': 'Hello'}]),         # line 6
+        dict(messages=CONVERSATIONS[0])]                                                                      # line 7
+    f = write_jsonl(tmp_path/'c.jsonl', recs)
+    rep = data_report(f, tok, max_length=64)
+    at = lambda xs: [x.removeprefix(f'{f}, ') for x in xs]
+    assert at(rep['role_errors']) == ["line 4, messages[3]: role 'asistant' is not one of system, user, assistant",
+                                      "line 6, conversations[1]: from 'robot' is not one of human, gpt, system"]
+    assert at(rep['no_assistant']) == ['line 5: no assistant turn: nothing to learn']
+    assert at(rep['duplicates']) == ['line 7: duplicate of line 1'] and len(rep['errors']) == 4 and not rep['ok']
+    assert (rep['records'], rep['format'], rep['formats']) == (7, 'conversations', {'conversations': 7})
+    full = [tokenize_example(r, tok, max_length=10**6) for r in recs[:3]]
+    lengths = [len(e['input_ids']) for e in full]
+    assert rep['tokens'] == dict(p50=percentile(lengths, 50), p90=percentile(lengths, 90), p99=percentile(lengths, 99), max=max(lengths))
+    learned = lambda L: sum(l != -100 for r in recs[:3] for l in tokenize_example(r, tok, max_length=L)['labels'])
+    assert (rep['supervised_tokens'], rep['supervised_lost']) == (learned(10**6), learned(10**6) - learned(64))
+    assert rep['truncated'] == sum(n > 64 for n in lengths) and rep['supervised_lost_share'] == rep['supervised_lost'] / rep['supervised_tokens']
+    text = format_data_report(rep).splitlines()
+    assert text[0] == f'{f}: 7 records, format conversations (conversations 7)'
+    assert "  line 4, messages[3]: role 'asistant' is not one of system, user, assistant" in text and '4 error(s):' in text
+    assert 'duplicates: 1, without an assistant turn: 1, role errors: 2' in text
+    assert format_data_report(rep, limit=1).splitlines()[-1] == '  ... and 3 more'
+    json.dumps(rep)   # for `lora-nb data check --json`
+
+
+def test_data_report_of_a_mixed_and_an_empty_file(tmp_path, tok):
+    from lora_nb.data import data_report, format_data_report
+    mixed = data_report([dict(messages=CONVERSATIONS[0]), dict(text='x'), dict(text='y')], tok)
+    assert mixed['formats'] == {'conversations': 1, 'text': 2} and mixed['format'] is None and mixed['tokens'] is None
+    assert 'one format per file' in mixed['errors'][0] and 'format unknown' in format_data_report(mixed)
+    empty = data_report(write_jsonl(tmp_path/'e.jsonl', []), tok)
+    assert empty['records'] == 0 and empty['errors'] == [f"{tmp_path/'e.jsonl'}: no records"]
+    clean = data_report([dict(text='some words here')], tok)
+    assert clean['ok'] and format_data_report(clean).splitlines()[-1] == 'no errors' and 'role errors' not in format_data_report(clean)
+
+
 # --- the training path ----------------------------------------------------------------------------------------------
 
 def test_prepare_examples_trains_the_files_format(tmp_path, tok):
@@ -352,3 +435,45 @@ def test_supervised_loss_is_the_token_mean_over_learned_tokens(tiny, tok):
     assert got['loss'] == pytest.approx(total / count, rel=1e-4) and got['perplexity'] == pytest.approx(math.exp(total / count), rel=1e-4)
     padded = supervised_loss(tiny, tok, recs, load_config(profile='fast', overrides=['data.batching=pad']))
     assert padded['loss'] == pytest.approx(got['loss'], rel=1e-4)
+
+
+# --- chat: a conversation that keeps its history ------------------------------------------------------------------
+
+def test_chat_second_prompt_holds_the_first_exchange(tiny, tok, monkeypatch):
+    "Chat (template chat): the ids generated from for the 2nd message are prompt_ids of [user 1, answer 1, user 2]"
+    import torch
+    from lora_nb.infer import Chat
+    seen = []
+    real = tiny.generate
+    def spy(**kw): seen.append(kw['input_ids'][0].tolist()); return real(**kw)
+    monkeypatch.setattr(tiny, 'generate', spy)
+    cfg = load_config(profile='fast', overrides=['data.template=chat', 'eval.do_sample=true', 'eval.temperature=1.0'])
+    torch.manual_seed(0)
+    chat = Chat(tiny, tok, cfg, system='You triage tickets.')
+    first = chat.send('Where is order 58392?')
+    second = chat.send('And order 12345?')
+    assert first.strip() and first == first.strip()          # sampled from the random model: some text, stripped
+    conv = msgs(('system', 'You triage tickets.'), ('user', 'Where is order 58392?'), ('assistant', first), ('user', 'And order 12345?'))
+    assert seen[1] == prompt_ids(dict(messages=conv), tok, 'chat')
+    assert seen[1][:len(seen[0])] == seen[0]                  # the second prompt extends the first
+    assert f'<|im_start|>assistant\n{first}<|im_end|>' in tok.decode(seen[1])
+    assert chat.messages == conv + [dict(role='assistant', content=second)]
+    assert chat.prompt('Thanks') == build_prompt(dict(messages=chat.messages + msgs(('user', 'Thanks'))), 'chat', tok)
+
+
+def test_chat_under_alpaca_answers_each_message_alone(tiny, tok):
+    from lora_nb.infer import Chat
+    chat = Chat(tiny, tok, load_config(profile='fast', overrides=['data.template=alpaca']), system='Triage this ticket.')
+    chat.send('Where is order 58392?')
+    assert not chat.multi_turn and len(chat.messages) == 2
+    assert chat.prompt('And order 12345?') == build_prompt(dict(instruction='Triage this ticket.', input='And order 12345?', output=''))
+
+
+def test_measure_is_loss_then_scores(tiny, tok):
+    from lora_nb.infer import measure, supervised_loss
+    cfg = load_config(profile='fast', overrides=['eval.limit=2'])
+    recs = [dict(messages=c) for c in CONVERSATIONS]
+    m = measure(tiny, tok, recs, cfg)
+    assert list(m) == ['n', 'tokens', 'loss', 'perplexity', 'exact_match', 'f1', 'seconds'] and m['n'] == 2
+    assert m['loss'] == supervised_loss(tiny, tok, recs[:2], cfg)['loss']
+    assert list(measure(tiny, tok, [dict(text='a few words of text')], cfg)) == ['n', 'tokens', 'loss', 'perplexity']
