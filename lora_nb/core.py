@@ -7,11 +7,12 @@ Docs: https://github.com/lora-nb/lora_nb/core.html.md"""
 # %% ../nbs/01_core.ipynb #c003
 from __future__ import annotations
 import hashlib, json, logging, os, platform, shutil, subprocess, sys, tempfile, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DTYPES', 'BF16_FLAGS', 'LoraNbError', 'quiet_known_noise', 'quiet_hf_loading', 'atomic_write_text',
+__all__ = ['DTYPES', 'BF16_FLAGS', 'LoraNbError', 'quiet_known_noise', 'quiet_hf_loading', 'atomic_path', 'atomic_write_text',
            'build_atomically', 'cache_dir', 'file_sha256', 'FreshProcessError', 'run_fresh', 'DType', 'DeviceError',
            'dtype_info', 'torch_dtype', 'pick_device', 'pick_precision', 'resolve_dtype', 'release_free_memory',
            'cpu_name', 'cpu_flags', 'machine_info', 'hub_unreachable', 'in_notebook']
@@ -43,20 +44,25 @@ def quiet_hf_loading():
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
 
 # %% ../nbs/01_core.ipynb #c013
-def atomic_write_text(path, text:str) -> Path:
-    "Write `text` to `path` via a temporary file in the same folder and an atomic rename"
+@contextmanager
+def atomic_path(path):
+    "A temporary file beside `path` for the block to write; synced and renamed onto `path` when the block succeeds"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        yield Path(tmp)
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return path
+    finally: Path(tmp).unlink(missing_ok=True)
 
 def _umask() -> int:
     m = os.umask(0); os.umask(m); return m
+
+def atomic_write_text(path, text:str) -> Path:
+    "Write `text` to `path` whole (via `atomic_path`), byte for byte: no newline translation"
+    with atomic_path(path) as tmp: tmp.write_text(text, encoding='utf-8', newline='')
+    return Path(path)
 
 # %% ../nbs/01_core.ipynb #c014
 def build_atomically(dest:Path, build) -> Path:

@@ -6,7 +6,7 @@ Docs: https://github.com/lora-nb/lora_nb/export.html.md"""
 
 # %% ../nbs/13_export.ipynb #c003
 from __future__ import annotations
-import json, math, os, re, tempfile
+import json, math, re
 from pathlib import Path
 from contextlib import contextmanager
 
@@ -18,7 +18,7 @@ __all__ = ['GGUF_DTYPES', 'FILE_TYPES', 'gguf_metadata', 'gguf_tensor_table', 'E
            'export_lora_gguf']
 
 # %% ../nbs/13_export.ipynb #c004
-from .core import LoraNbError, quiet_hf_loading
+from .core import LoraNbError, atomic_path, quiet_hf_loading
 from .data import TemplateError, end_of_turn
 from .models import resolve_model
 from .adapters import base_model_name, check_adapter_fits, read_adapter_config, read_adapter_weights
@@ -249,9 +249,7 @@ def _add_value(w:GGUFWriter, key:str, v):
 
 def write_gguf(output, arch:str, metadata:dict, tensors) -> Path:
     "Write a GGUF file atomically; `tensors` is a list of (name, shape, storage type, produce) and produce() returns the float32 array"
-    output = Path(output); output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f'.{output.name}.', suffix='.tmp'); os.close(fd)
-    try:
+    with atomic_path(output) as tmp:
         w = GGUFWriter(tmp, arch)
         for key, v in metadata.items(): _add_value(w, key, v)
         for name, shape, qt, _ in tensors:
@@ -265,13 +263,7 @@ def write_gguf(output, arch:str, metadata:dict, tensors) -> Path:
         for name, shape, qt, produce in tensors:
             w.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(produce(), dtype=np.float32), qt))
         w.close()
-        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; give it the mode a plain open() would
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-    return output
+    return Path(output)
 
 # %% ../nbs/13_export.ipynb #c042
 def export_gguf(model_dir, # a merged model folder (save_pretrained): config.json, model.safetensors, tokenizer
