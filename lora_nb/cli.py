@@ -17,7 +17,7 @@ __all__ = ['ALPACA_CHAT_NOTE', 'SUBCOMMANDS', 'add_settings', 'settings', 'cmd_t
 
 # %% ../nbs/18_cli.ipynb #c011
 from .core import LoraNbError
-from .config import Config, data_path, load_config
+from .config import CONVERTER_TYPES, QUANT_TYPES, Config, data_path, load_config
 from .distributed import is_main_process, processes_asked
 
 # %% ../nbs/18_cli.ipynb #c006
@@ -154,17 +154,15 @@ def add_merge(sub):
 # %% ../nbs/18_cli.ipynb #c032
 def cmd_export(args):
     "Write a GGUF file: a merged model (--model; --ollama adds a Modelfile), or a LoRA adapter for llama.cpp's --lora (--adapter)"
-    cfg = settings(args)
+    cfg = settings(args, {'export.dtype': args.dtype, 'export.converter': args.converter})
+    from lora_nb.deploy import convert_lora, export_for_ollama, export_model  # torch: imported on use
+    from lora_nb.export import export_lora_gguf
     if args.adapter:
-        from lora_nb.export import export_lora_gguf  # torch: imported on use
-        path = export_lora_gguf(args.adapter, args.output, base=args.base)
+        path = (convert_lora if cfg.export.converter == 'llama.cpp' else export_lora_gguf)(args.adapter, args.output, base=args.base)
     elif args.ollama or cfg.export.ollama:
-        from lora_nb.deploy import export_for_ollama  # torch: imported on use
-        path = export_for_ollama(args.model, args.output, args.dtype or cfg.export.dtype, cfg)
+        path = export_for_ollama(args.model, args.output, cfg=cfg)
         print(f"written: {Path(path).parent/'Modelfile'}")
-    else:
-        from lora_nb.export import export_gguf  # torch: imported on use
-        path = export_gguf(args.model, args.output, args.dtype or cfg.export.dtype)
+    else: path = export_model(args.model, args.output, cfg.export.dtype, cfg.export.converter)
     print(f"written: {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
 
 def add_export(sub):
@@ -175,7 +173,9 @@ def add_export(sub):
     what.add_argument('--adapter', help='LoRA adapter folder: write a GGUF LoRA file')
     p.add_argument('--base', help="the adapter's base model (default: from adapter_config.json)")
     p.add_argument('--output', required=True, help='the .gguf file to write')
-    p.add_argument('--dtype', choices=['f32', 'f16', 'bf16', 'q8_0'], help='tensor type (default: [export] dtype)')
+    p.add_argument('--dtype', choices=CONVERTER_TYPES + QUANT_TYPES, metavar='DTYPE',
+                   help=f"{', '.join(CONVERTER_TYPES)}, or llama.cpp's quantizer: {', '.join(QUANT_TYPES)} (default: [export] dtype)")
+    p.add_argument('--converter', choices=['llama.cpp', 'lora_nb'], help="llama.cpp's own converter, or lora_nb's Llama writer (default: [export] converter)")
     p.add_argument('--ollama', action='store_true', help='also write an Ollama Modelfile next to the GGUF (= [export] ollama)')
 
 # %% ../nbs/18_cli.ipynb #c035

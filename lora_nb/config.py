@@ -13,9 +13,10 @@ from pathlib import Path
 from .core import LoraNbError, atomic_write_text
 
 # %% auto #0
-__all__ = ['SECTIONS', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'EvalCfg', 'ExportCfg', 'Config', 'ConfigError',
-           'parse_value', 'read_settings', 'read_profile', 'parse_override', 'find_settings', 'project_root',
-           'load_config', 'config_to_ini', 'save_config', 'overrides_of', 'data_path', 'run_folder', 'run_config']
+__all__ = ['CONVERTER_TYPES', 'QUANT_TYPES', 'SECTIONS', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'EvalCfg',
+           'ExportCfg', 'Config', 'ConfigError', 'parse_value', 'read_settings', 'read_profile', 'parse_override',
+           'find_settings', 'project_root', 'load_config', 'config_to_ini', 'save_config', 'overrides_of', 'data_path',
+           'run_folder', 'run_config']
 
 # %% ../nbs/02_config.ipynb #c008
 def _opt(*choices, check=None, why=''):
@@ -106,10 +107,14 @@ class EvalCfg:
     batch_size: int = _opt(**_pos)
     limit: int = _opt(**_nonneg)
 
+CONVERTER_TYPES = ('f32', 'f16', 'bf16', 'q8_0')  # GGUF types llama.cpp's converter (and chapter 13's writer) write
+QUANT_TYPES = ('q2_k', 'q3_k_s', 'q3_k_m', 'q3_k_l', 'q4_0', 'q4_1', 'q4_k_s', 'q4_k_m', 'q5_0', 'q5_1', 'q5_k_s', 'q5_k_m', 'q6_k')  # llama.cpp's quantizer
+
 @dataclass
 class ExportCfg:
     "GGUF export"
-    dtype: str = _opt('f32', 'f16', 'bf16', 'q8_0')
+    dtype: str = _opt(*CONVERTER_TYPES, *QUANT_TYPES)
+    converter: str = _opt('llama.cpp', 'lora_nb')
     ollama: bool
 
 # %% ../nbs/02_config.ipynb #c011

@@ -6,23 +6,26 @@ Docs: https://github.com/lora-nb/lora_nb/deploy.html.md"""
 
 # %% ../nbs/14_deploy.ipynb #c003
 from __future__ import annotations
-import json, os, re
+import json, os, re, shutil, subprocess, sys, tarfile, tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['OLLAMA_ALPACA', 'llama_cpp_status', 'transformers_greedy_ids', 'llama_cpp_tokenize', 'llama_cpp_generate',
-           'render_go_template', 'ollama_values', 'ollama_chat_template', 'modelfile_text', 'write_modelfile',
-           'export_for_ollama']
+__all__ = ['LLAMA_CPP_PYTHON', 'OLLAMA_ALPACA', 'llama_cpp_status', 'transformers_greedy_ids', 'llama_cpp_tokenize',
+           'llama_cpp_generate', 'llama_cpp_logits', 'llama_cpp_tools', 'convert_hf', 'gguf_differences',
+           'quantize_gguf', 'export_model', 'convert_lora', 'render_go_template', 'ollama_values',
+           'ollama_chat_template', 'modelfile_text', 'write_modelfile', 'export_for_ollama']
 
 # %% ../nbs/14_deploy.ipynb #c004
 import torch
 from transformers import AutoTokenizer
-from .core import atomic_write_text
-from .config import Config, load_config
+import numpy as np
+from gguf import GGUFReader
+from .core import atomic_path, atomic_write_text, build_atomically, cache_dir, run_fresh
+from .config import CONVERTER_TYPES, QUANT_TYPES, Config, load_config
 from .tasks import TASKS
 from .data import TemplateError, end_of_turn, render_chat
-from .export import ExportError, export_gguf
+from .export import ExportError, export_gguf, gguf_lora_inputs, gguf_metadata, peft_scale, read_model_config
 
 # %% ../nbs/14_deploy.ipynb #c063
 def llama_cpp_status() -> str|None:
@@ -45,11 +48,11 @@ def transformers_greedy_ids(model, tok, prompts, max_new_tokens:int=48) -> list[
 
 # %% ../nbs/14_deploy.ipynb #c013
 @contextmanager
-def _llama(gguf_path, lora=None, n_ctx:int=1024):
+def _llama(gguf_path, lora=None, n_ctx:int=1024, logits_all:bool=False):
     "A llama_cpp.Llama for `gguf_path` (plus a GGUF LoRA), closed on exit"
     from llama_cpp import Llama  # optional package: imported only when a file is run
     llm = Llama(model_path=str(gguf_path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_threads=os.cpu_count(),
-                verbose=False, seed=0)
+                verbose=False, seed=0, logits_all=logits_all)
     try: yield llm
     finally: llm.close()
 
@@ -69,6 +72,140 @@ def llama_cpp_generate(gguf_path, prompts, max_new_tokens:int=48, lora=None) -> 
                 gen.append(t)
             out.append(gen)
     return out
+
+# %% ../nbs/14_deploy.ipynb #c039
+def llama_cpp_logits(gguf_path, texts, lora=None) -> list[np.ndarray]:
+    "llama.cpp's logits (positions x vocabulary) at every token of each text, as tokenized by llama.cpp (no BOS added)"
+    out = []
+    with _llama(gguf_path, lora, logits_all=True) as llm:
+        for t in texts:
+            ids = llm.tokenize(t.encode(), add_bos=False, special=True)
+            llm.reset(); llm.eval(ids)
+            out.append(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    return out
+
+# %% ../nbs/14_deploy.ipynb #c041
+LLAMA_CPP_PYTHON = '0.3.36'  # the llama-cpp-python release whose converters lora_nb runs; pyproject's [llamacpp] extra pins the same
+_TOOLS = ('convert_hf_to_gguf.py', 'convert_lora_to_gguf.py', 'conversion/', 'gguf-py/')
+
+def _unpack_tools(sdist:Path, dest:Path):
+    "Unpack llama.cpp's converters, `conversion/` and `gguf-py/` from a llama-cpp-python source archive into `dest`"
+    root = sdist.name.removesuffix('.tar.gz') + '/vendor/llama.cpp/'
+    with tarfile.open(sdist) as tf:
+        members = [m for m in tf.getmembers() if m.name.startswith(root) and m.name[len(root):].startswith(_TOOLS)]
+        if not members: raise ExportError(f"{sdist}: no vendor/llama.cpp converters inside")
+        for m in members: m.name = m.name[len(root):]
+        tf.extractall(dest, members=members, filter='data')
+
+def llama_cpp_tools(version:str=LLAMA_CPP_PYTHON) -> Path:
+    "The folder of llama.cpp's own converters, fetched once by pip (llama-cpp-python's source on the package index) into the cache"
+    def fetch(tmp:Path):
+        r = subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--disable-pip-version-check', '--no-deps', '--no-binary', ':all:',
+                            '-d', str(tmp/'sdist'), f'llama-cpp-python=={version}'], capture_output=True, text=True)
+        if r.returncode: raise ExportError(f"pip could not fetch llama-cpp-python=={version}'s source, which holds llama.cpp's converters "
+                                           f"(it needs the package index): {(r.stderr.strip().splitlines() or ['no message'])[-1]}")
+        _unpack_tools(next((tmp/'sdist').glob('*.tar.gz')), tmp)
+        shutil.rmtree(tmp/'sdist')
+    return build_atomically(cache_dir()/f'llama.cpp-converters-{version}', fetch)
+
+# %% ../nbs/14_deploy.ipynb #c044
+def _run_tool(script:str, args:list, what) -> None:
+    "Run one of llama.cpp's converter scripts in a new process; `ExportError` with its last lines when it fails"
+    tools = llama_cpp_tools()
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(tools/'gguf-py'), str(tools)])}
+    r = subprocess.run([sys.executable, str(tools/script), *map(str, args)], capture_output=True, text=True, env=env, cwd=tools)
+    if r.returncode:
+        said = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith(('INFO:', 'WARNING:hf-to-gguf:**', '  '))]
+        raise ExportError(f"{what}: llama.cpp's {script} refused it: {' | '.join(said[-2:]) or 'exit ' + str(r.returncode)}")
+
+def convert_hf(model_dir, # a model folder (save_pretrained): config.json, weights, tokenizer
+               output, # the .gguf file to write
+               dtype:str='f32', # f32 | f16 | bf16 | q8_0
+              ) -> Path:
+    "Write a model folder as one GGUF file with llama.cpp's own `convert_hf_to_gguf.py` (every architecture it supports)"
+    if dtype not in CONVERTER_TYPES: raise ExportError(f"dtype {dtype!r}: the converter writes {', '.join(CONVERTER_TYPES)}; quantize_gguf makes the rest")
+    read_model_config(model_dir, llama_only=False)
+    with atomic_path(output) as tmp: _run_tool('convert_hf_to_gguf.py', [Path(model_dir).resolve(), '--outfile', tmp, '--outtype', dtype], model_dir)
+    return Path(output)
+
+# %% ../nbs/14_deploy.ipynb #c046
+def gguf_differences(a, b) -> dict:
+    "What differs between two GGUF files: metadata {key: (a's, b's)}, tensors {name: why}, and the largest value difference"
+    ma, mb = gguf_metadata(a, None), gguf_metadata(b, None)
+    meta = {k: (ma.get(k), mb.get(k)) for k in sorted(ma.keys() | mb.keys()) if ma.get(k) != mb.get(k)}
+    ta, tb = ({t.name: t for t in GGUFReader(f).tensors} for f in (a, b))
+    tensors, worst = {n: 'only in ' + ('a' if n in ta else 'b') for n in ta.keys() ^ tb.keys()}, 0.0
+    for n in ta.keys() & tb.keys():
+        x, y = ta[n], tb[n]
+        if (x.tensor_type, list(x.shape)) != (y.tensor_type, list(y.shape)): tensors[n] = f'{x.tensor_type.name}{list(x.shape)} vs {y.tensor_type.name}{list(y.shape)}'
+        elif x.tensor_type.name in ('F32', 'F16'): worst = max(worst, float(np.abs(np.asarray(x.data, np.float32) - np.asarray(y.data, np.float32)).max()))
+        elif not np.array_equal(x.data, y.data): tensors[n] = 'different quantized bytes'
+    return dict(metadata=meta, tensors=tensors, max_abs_difference=worst)
+
+# %% ../nbs/14_deploy.ipynb #c049
+def _quantize_here(src:str, dst:str, qtype:str) -> int:
+    "llama_model_quantize(src -> dst) in this process; its return code (0: done)"
+    import ctypes, llama_cpp  # optional package, built from source: imported only when quantizing
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread = getattr(llama_cpp, f'LLAMA_FTYPE_MOSTLY_{qtype.upper()}'), os.cpu_count()
+    return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)))
+
+def quantize_gguf(src, # an f32/f16/bf16 GGUF file
+                  output, # the .gguf file to write
+                  qtype:str='q4_k_m', # one of QUANT_TYPES
+                 ) -> Path:
+    "Quantize a GGUF file with llama.cpp's own quantizer (the k-quants Q4_K_M, Q5_K_M, Q6_K and the rest)"
+    if qtype not in QUANT_TYPES: raise ExportError(f"quantization {qtype!r}: use one of {', '.join(QUANT_TYPES)}")
+    if why := llama_cpp_status(): raise ExportError(f"{qtype} needs llama.cpp's quantizer: {why}")
+    with atomic_path(output) as tmp:
+        rc = run_fresh('lora_nb.deploy:_quantize_here', dict(src=str(src), dst=str(tmp), qtype=qtype))
+        if rc: raise ExportError(f"{src}: llama.cpp's quantizer failed ({qtype}, code {rc})")
+    return Path(output)
+
+# %% ../nbs/14_deploy.ipynb #c051
+def _lossless_type(model_dir) -> str:
+    "The GGUF type that holds a model folder's weights exactly (its config's dtype), for the file the quantizer reads"
+    c = read_model_config(model_dir, llama_only=False)
+    return {'bfloat16': 'bf16', 'float16': 'f16'}.get(str(c.get('dtype') or c.get('torch_dtype')), 'f32')
+
+def export_model(model_dir, # a merged model folder (save_pretrained)
+                 output, # the .gguf file to write
+                 dtype:str='q8_0', # f32 | f16 | bf16 | q8_0, or one of QUANT_TYPES (q4_k_m, q5_k_m, q6_k, ...)
+                 converter:str='llama.cpp', # llama.cpp (its own converter and quantizer) | lora_nb (chapter 13's Llama writer)
+                ) -> Path:
+    "Write a merged model as one GGUF file, of any family llama.cpp supports and any of its quantization types"
+    if converter not in ('llama.cpp', 'lora_nb'): raise ExportError(f"converter {converter!r}: use llama.cpp or lora_nb")
+    if converter == 'lora_nb' or dtype in CONVERTER_TYPES:
+        return (export_gguf if converter == 'lora_nb' else convert_hf)(model_dir, output, dtype)
+    if dtype not in QUANT_TYPES: raise ExportError(f"dtype {dtype!r}: use one of {', '.join(CONVERTER_TYPES + QUANT_TYPES)}")
+    if why := llama_cpp_status(): raise ExportError(f"{dtype} needs llama.cpp's quantizer: {why}")
+    with tempfile.TemporaryDirectory(dir=Path(output).parent, prefix='.lora_nb-') as d:
+        return quantize_gguf(convert_hf(model_dir, Path(d)/'lossless.gguf', _lossless_type(model_dir)), output, dtype)
+
+# %% ../nbs/14_deploy.ipynb #c054
+def _prescaled_copy(adapter_dir, a:dict, weights:dict, dest:Path) -> Path:
+    "A copy of an adapter whose B matrices carry PEFT's scale over llama.cpp's alpha/r, so the converter's plain alpha/r is right"
+    from safetensors.torch import save_file  # torch-side safetensors: only this path writes tensors
+    out = {}
+    for key, t in weights.items():
+        module, _, part = key.removeprefix('base_model.model.').rpartition('.lora_')
+        r = weights[key.replace('lora_B', 'lora_A')].shape[0] if part == 'B.weight' else None
+        out[key] = t * (peft_scale(a, module, r) / (float(a['lora_alpha']) / r)) if r else t
+    dest.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, dest/'adapter_model.safetensors')
+    (dest/'adapter_config.json').write_text(json.dumps({**a, 'use_rslora': False, 'alpha_pattern': {}}))
+    return dest
+
+def convert_lora(adapter_dir, # a PEFT LoRA adapter folder (save_pretrained)
+                 output, # the .gguf file to write
+                 base:str|None=None, # its base model (default: the adapter's base_model_name_or_path)
+                ) -> Path:
+    "Write a PEFT LoRA adapter as a GGUF LoRA with llama.cpp's own `convert_lora_to_gguf.py`, after the checks and the scale it lacks"
+    a, weights, base_dir = gguf_lora_inputs(adapter_dir, base)
+    with tempfile.TemporaryDirectory(prefix='lora_nb-lora-') as d, atomic_path(output) as tmp:
+        copy = _prescaled_copy(adapter_dir, a, weights, Path(d)/'adapter')
+        _run_tool('convert_lora_to_gguf.py', ['--base', base_dir.resolve(), '--outfile', tmp, '--outtype', 'f32', copy], adapter_dir)
+    return Path(output)
 
 # %% ../nbs/14_deploy.ipynb #c066
 OLLAMA_ALPACA = ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}\n\n### Response:\n"
@@ -230,10 +367,11 @@ def write_modelfile(gguf_path, tok, cfg=None) -> Path:
 # %% ../nbs/14_deploy.ipynb #c035
 def export_for_ollama(model_dir, # a merged model folder (save_pretrained)
                       output, # the .gguf file to write; the Modelfile goes beside it
-                      dtype:str='q8_0', # f32 | f16 | bf16 | q8_0
-                      cfg:Config|None=None, # settings for the Modelfile (template, task, sampling); default: load_config()
+                      dtype:str|None=None, # any `export_model` type (default: [export] dtype)
+                      cfg:Config|None=None, # settings for the file and the Modelfile (converter, template, task, sampling); default: load_config()
                      ) -> Path:
     "Write a merged model as a GGUF file plus an Ollama `Modelfile` beside it; returns the GGUF's path"
-    path = export_gguf(model_dir, output, dtype)
+    cfg = cfg or load_config()
+    path = export_model(model_dir, output, dtype or cfg.export.dtype, cfg.export.converter)
     write_modelfile(path, AutoTokenizer.from_pretrained(model_dir), cfg)
     return path

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 __all__ = ['GGUF_DTYPES', 'FILE_TYPES', 'gguf_metadata', 'gguf_tensor_table', 'ExportError', 'read_model_config', 'rope_settings',
            'llama_hparams', 'permute_qk', 'unpermute_qk', 'checkpoint_index', 'gguf_name', 'llama_gguf_tensors',
            'storage_type', 'pre_tokenizer_name', 'byte_level_vocab', 'sentencepiece_vocab', 'end_of_turn_id',
-           'tokenizer_metadata', 'write_gguf', 'export_gguf', 'load_gguf', 'check_gguf_lora', 'lora_gguf_tensors',
-           'export_lora_gguf']
+           'tokenizer_metadata', 'write_gguf', 'export_gguf', 'load_gguf', 'check_gguf_lora', 'peft_scale',
+           'lora_gguf_tensors', 'gguf_lora_inputs', 'export_lora_gguf']
 
 # %% ../nbs/13_export.ipynb #c004
 from .core import LoraNbError, atomic_path, quiet_hf_loading
@@ -55,14 +55,15 @@ def gguf_tensor_table(f) -> list[dict]:
 class ExportError(LoraNbError, ValueError):
     "A model or adapter that cannot be exported as asked; the message says why"
 
-def read_model_config(model_dir) -> dict:
-    "config.json of a Llama model folder, refused with the reason if it is not one export_gguf can write"
+def read_model_config(model_dir, llama_only:bool=True) -> dict:
+    "config.json of a model folder, refused with the reason if it is not one export can write (`llama_only`: this chapter's writer)"
     p = Path(model_dir)/'config.json'
     if not p.exists(): raise ExportError(f"{model_dir}: no config.json (not a folder written by save_pretrained)")
     c = json.loads(p.read_text())
-    if c.get('model_type') != 'llama':
+    if llama_only and c.get('model_type') != 'llama':
         raise ExportError(f"{p}: model_type is {c.get('model_type')!r}; GGUF export supports Llama-architecture "
-                          f"models only (model_type 'llama': SmolLM2, Llama 2, Llama 3)")
+                          f"models only (model_type 'llama': SmolLM2, Llama 2, Llama 3); llama.cpp's own converter "
+                          f"(chapter 14, `export_model`) writes the other families")
     if c.get('quantization_config'):
         raise ExportError(f"{p}: the weights are quantized ({c['quantization_config'].get('quant_method')}); "
                           "export a merged float model (merge the adapter into a float32/bfloat16 base)")
@@ -302,16 +303,21 @@ def load_gguf(path, dtype=None, tokenizer:bool=True):
     return model.eval(), tok
 
 # %% ../nbs/13_export.ipynb #c073
-def check_gguf_lora(adapter_dir) -> dict:
+_OUTSIDE_BLOCKS = ('embed_tokens', 'lm_head', 'wte', 'embed_out')  # modules llama.cpp applies no GGUF LoRA to
+
+def check_gguf_lora(adapter_dir, weights:dict|None=None) -> dict:
     "The adapter's checked adapter_config.json; `ExportError` if llama.cpp could not apply the adapter as trained"
     a, p = read_adapter_config(adapter_dir), Path(adapter_dir)/'adapter_config.json'
-    if a.get('use_dora'): raise ExportError(f"{p}: use_dora: DoRA's magnitude vectors have no GGUF LoRA form; export the merged model instead")
+    if a.get('use_dora'): raise ExportError(f"{p}: use_dora: DoRA's magnitude vectors have no GGUF LoRA form (llama.cpp cannot apply DoRA); merge the adapter and export the merged model instead")
     if a.get('modules_to_save'):
         raise ExportError(f"{p}: modules_to_save {a['modules_to_save']} are full weights, not LoRA pairs; export the merged model instead")
+    outside = sorted({k for k in (weights or {}) if 'lora_embedding_' in k or any(f'.{m}.lora_' in k for m in _OUTSIDE_BLOCKS)})
+    if outside: raise ExportError(f"{Path(adapter_dir)/'adapter_model.safetensors'}: {outside[0]!r}: a LoRA on the embeddings or the LM head (tied to the "
+                                  "embeddings in many models) is not applied by llama.cpp's --lora; merge the adapter and export the merged model instead")
     return a
 
 # %% ../nbs/13_export.ipynb #c066
-def _peft_scale(a:dict, module:str, r:int) -> float:
+def peft_scale(a:dict, module:str, r:int) -> float:
     "PEFT's LoRA scale for `module`: its alpha (`alpha_pattern` may set it) over r, or over sqrt(r) with rsLoRA"
     patterns = a.get('alpha_pattern') or {}
     alpha = float(patterns.get(get_pattern_key(patterns.keys(), module), a['lora_alpha'])) if patterns else float(a['lora_alpha'])
@@ -331,7 +337,7 @@ def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict, weights:dict|None=None
     out = []
     for module, ab in pairs.items():
         A, B = ab['A'], ab['B']; r = A.shape[0]
-        scale, cpp_scale = _peft_scale(a, module, r), float(a['lora_alpha']) / r
+        scale, cpp_scale = peft_scale(a, module, r), float(a['lora_alpha']) / r
         if scale != cpp_scale: B = B * (scale / cpp_scale)
         if module.endswith('.q_proj'): B = permute_qk(B, n_head)
         elif module.endswith('.k_proj'): B = permute_qk(B, n_kv)
@@ -346,15 +352,21 @@ def _skeleton(model_dir, name:str):
     model.name_or_path = name  # errors then name the base as the user did ('tiny'), not its cache folder
     return model
 
+def gguf_lora_inputs(adapter_dir, base:str|None=None) -> tuple[dict, dict, Path]:
+    "(adapter config, weights, base folder) of an adapter checked for GGUF LoRA export: llama.cpp can apply it, and it fits its base"
+    weights = read_adapter_weights(adapter_dir)
+    a = check_gguf_lora(adapter_dir, weights)
+    base_dir = resolve_model(base or base_model_name(adapter_dir))
+    check_adapter_fits(_skeleton(base_dir, base or base_model_name(adapter_dir)), adapter_dir, weights, a)
+    return a, weights, Path(base_dir)
+
 def export_lora_gguf(adapter_dir, # a PEFT LoRA adapter folder (save_pretrained)
                      output, # the .gguf file to write
                      base:str|None=None, # its base model (default: the adapter's base_model_name_or_path)
                     ) -> Path:
     "Write a PEFT LoRA adapter as a GGUF LoRA file for llama.cpp's --lora; returns its path"
-    a, weights = check_gguf_lora(adapter_dir), read_adapter_weights(adapter_dir)
-    base_dir = resolve_model(base or base_model_name(adapter_dir))
+    a, weights, base_dir = gguf_lora_inputs(adapter_dir, base)
     base_cfg = read_model_config(base_dir)
-    check_adapter_fits(_skeleton(base_dir, base or base_model_name(adapter_dir)), adapter_dir, weights, a)
     md = {gguf.Keys.General.TYPE: gguf.GGUFType.ADAPTER, gguf.Keys.General.NAME: Path(adapter_dir).resolve().name,
           gguf.Keys.Adapter.TYPE: 'lora', gguf.Keys.Adapter.LORA_ALPHA: float(a['lora_alpha'])}
     tensors = [(n, t.shape, QT.F32, (lambda t=t: t)) for n, t in lora_gguf_tensors(adapter_dir, base_cfg, a, weights)]
