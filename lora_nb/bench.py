@@ -11,17 +11,18 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES', 'RECIPE_OVERRIDES', 'PROFILE_GROUPS', 'LEVERS',
-           'DEFAULT_LEVER', 'matmul_peak', 'matmul_params', 'lora_roofline', 'StepClock', 'CountingCollator',
-           'answer_eval_loss', 'bench_config', 'seed_recipe_trainer', 'trl_sft_config', 'trl_trainer',
-           'lora_nb_trainer', 'measure_recipe', 'op_group', 'ProfileSteps', 'profile_groups', 'profile_step',
-           'format_profile', 'step_gemms', 'gemm_seconds', 'own_shape_roofline', 'summarize_bench', 'format_bench',
-           'run_bench', 'full_logits_loss', 'time_training_steps', 'lever_batches', 'measure_levers', 'run_levers']
+           'DEFAULT_LEVER', 'RATIO_LEVERS', 'matmul_peak', 'matmul_params', 'lora_roofline', 'StepClock',
+           'CountingCollator', 'answer_eval_loss', 'bench_config', 'seed_recipe_trainer', 'trl_sft_config',
+           'trl_trainer', 'lora_nb_trainer', 'measure_recipe', 'op_group', 'ProfileSteps', 'profile_groups',
+           'profile_step', 'format_profile', 'step_gemms', 'gemm_seconds', 'own_shape_roofline', 'summarize_bench',
+           'format_bench', 'run_bench', 'full_logits_loss', 'time_training_steps', 'lever_batches', 'measure_levers',
+           'run_levers', 'lever_model', 'interleaved_levers', 'run_lever_ratios']
 
 # %% ../nbs/15_performance.ipynb #c004
 from .core import atomic_write_text, cpu_flags, cpu_name, machine_info, pick_device, release_free_memory, run_fresh, torch_dtype
 from .config import data_path, load_config
 from .data import read_records, build_prompt, tokenize_example, collate_padded, collate_padding_free, collator_for, length_grouped_batches
-from .models import load_base, load_base_from, attach_lora, attach_lora_from, load_tokenizer
+from .models import load_base, load_base_from, attach_lora, attach_lora_from, load_tokenizer, packed_sdpa_attention
 from .memory import _reset_rss_peak, model_shape
 from .train import LoraTrainer, answer_loss, training_args
 import torch, transformers
@@ -635,7 +636,8 @@ def measure_levers(model:str='smollm2-135m', steps:int=2, warmup:int=1, batch_si
         if key not in models:
             models.clear(); gc.collect()
             base, tok = load_base(model, dtype=key[0], attn_implementation=key[2])
-            models[key] = attach_lora(base, seed=cfg.train.seed, r=l.r, alpha=l.alpha, dropout=key[1], target_modules=l.target_modules)
+            models[key] = attach_lora(base, seed=cfg.train.seed, r=l.r, alpha=l.alpha, dropout=key[1], target_modules=l.target_modules,
+                                       input_casts=False)  # as `attach_lora_from` trains
         m = models[key]
         ex = [tokenize_example(r, tok, cfg.data.template, cfg.data.max_length) for r in recs]
         batches = lever_batches(ex, batch_size, s['batching'], tok.pad_token_id, cfg.data.max_length)
@@ -659,5 +661,90 @@ def run_levers(model:str='smollm2-135m', steps:int=2, warmup:int=1, batch_size:i
     d = dict(model=model, steps=steps, warmup_steps=warmup, batch_size=batch_size,
              date=time.strftime('%Y-%m-%d %H:%M %Z'), machine=machine_info(), threads=torch.get_num_threads(),
              load_average_before=before, load_average_after=os.getloadavg()[0], wall_seconds=time.time() - t0, rows=rows)
+    if save: atomic_write_text(save, json.dumps(d, indent=1) + '\n')
+    return d
+
+# %% ../nbs/15_performance.ipynb #c100
+RATIO_LEVERS = [  # (name, settings): lora_nb's default, then one change to it per row
+    ('lora_nb default', {}),
+    ("PEFT's input casts kept", dict(input_casts=True)),
+    ('LoRA weights stored in bf16', dict(lora_dtype='bfloat16')),
+    ('16 examples a step', dict(batch_size=16)),
+    ('torch.compile, attention outside the graph', dict(compile=True)),
+]
+
+@contextlib.contextmanager
+def _attention_outside_compile(on:bool):
+    "While `on`: the packed attention runs eagerly inside a compiled model (its split reads lengths on the host)"
+    from transformers import AttentionInterface
+    if on: AttentionInterface.register('packed_sdpa', torch.compiler.disable(packed_sdpa_attention))
+    try: yield
+    finally: AttentionInterface.register('packed_sdpa', packed_sdpa_attention)
+
+def lever_model(model:str, settings:dict, cfg):
+    "lora_nb's default model for a lever row (bf16 base, packed attention, the `[lora]` adapter) with the row's changes"
+    l = cfg.lora
+    base, tok = load_base(model, dtype='bfloat16', attn_implementation='packed_sdpa')
+    m = attach_lora(base, seed=cfg.train.seed, r=l.r, alpha=l.alpha, dropout=l.dropout, target_modules=l.target_modules,
+                    input_casts=settings.get('input_casts', False))
+    for p in m.parameters():
+        if p.requires_grad: p.data = p.data.to(torch_dtype(settings.get('lora_dtype', 'float32')))
+    return m, tok
+
+# %% ../nbs/15_performance.ipynb #c101
+def _train_group(run, opt, batches:list) -> dict:
+    "Train `batches` (bf16 autocast, answer-only loss, AdamW): wall and CPU seconds, tokens, losses"
+    dev, losses, tokens = next(run.parameters()).device, [], 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for b in batches:
+        b = {k: v.to(dev) for k, v in b.items()}
+        with torch.autocast(dev.type, dtype=torch.bfloat16): loss = answer_loss(run, b)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach())); tokens += b['input_ids'].numel()
+    s, c = time.perf_counter() - t0, time.process_time() - c0
+    return dict(seconds=s, cpu_seconds=c, tokens=tokens, tokens_per_sec=tokens / s, tokens_per_cpu_sec=tokens / c,
+                steps=len(batches), losses=losses, load_average=os.getloadavg()[0])
+
+def interleaved_levers(model:str='smollm2-135m', levers:list|None=None, groups:int=8, unit:int=16, batch_size:int=8,
+                       threads:int|None=1, # torch threads for all levers (None: as they are)
+                       out=print) -> list[dict]:
+    "Each lever's tokens/s and its ratio to the first lever's: medians over `groups` groups of `unit` examples that every lever trains in turn"
+    import statistics
+    cfg, levers = bench_config(model, 1, batch_size), RATIO_LEVERS if levers is None else levers
+    before = torch.get_num_threads(); torch.set_num_threads(threads or before)
+    try:
+        built = [(name, s, *lever_model(model, s, cfg)) for name, s in levers]
+        tok, runs = built[0][3], {name: [] for name, _ in levers}
+        ex = [tokenize_example(r, tok, cfg.data.template, cfg.data.max_length)
+              for r in read_records(data_path(cfg.data.train_file))[:(groups + 1) * unit]]
+        lever = {name: (torch.compile(m, dynamic=True) if s.get('compile') else m,
+                        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.train.lr)) for name, s, m, _ in built}
+        for g in range(groups + 1):
+            group = ex[g * unit:(g + 1) * unit]
+            for name, s, _, _ in (built if g % 2 == 0 else built[::-1]):
+                with _attention_outside_compile(s.get('compile', False)):
+                    runs[name].append(_train_group(*lever[name], lever_batches(group, s.get('batch_size', batch_size), 'padding_free', tok.pad_token_id)))
+            out(f"group {g}: " + ', '.join(f"{n} {runs[n][-1]['tokens_per_sec']:.0f}" for n, _ in levers) + ' tok/s')
+    finally: torch.set_num_threads(before)
+    med, ref = statistics.median, runs[levers[0][0]][1:]
+    rows = []
+    for name, s in levers:
+        rs = runs[name][1:]
+        rows.append(dict(lever=name, settings=s, ratio=med(a['tokens_per_sec'] / b['tokens_per_sec'] for a, b in zip(rs, ref)),
+                         ratio_cpu=med(a['tokens_per_cpu_sec'] / b['tokens_per_cpu_sec'] for a, b in zip(rs, ref)),
+                         tokens_per_sec=med(r['tokens_per_sec'] for r in rs), tokens_per_cpu_sec=med(r['tokens_per_cpu_sec'] for r in rs),
+                         seconds_per_step=sum(r['seconds'] for r in rs) / sum(r['steps'] for r in rs),
+                         warmup_seconds=runs[name][0]['seconds'], losses=[l for r in runs[name] for l in r['losses']], groups=rs))
+    return rows
+
+# %% ../nbs/15_performance.ipynb #c104
+def run_lever_ratios(model:str='smollm2-135m', save:str|None=None, threads:int|None=1, **kw) -> dict:
+    "`interleaved_levers` with the machine, thread count and load averages it ran under; also written as JSON to `save`"
+    load, t0 = os.getloadavg(), time.time()
+    rows = interleaved_levers(model, threads=threads, **kw)
+    d = dict(model=model, date=time.strftime('%Y-%m-%d %H:%M %Z'), machine=machine_info(), threads=threads or torch.get_num_threads(),
+             affinity=sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
+             load_average_before=list(load), load_average_after=list(os.getloadavg()), wall_seconds=time.time() - t0,
+             settings={k: v for k, v in kw.items() if k != 'out'}, rows=rows)
     if save: atomic_write_text(save, json.dumps(d, indent=1) + '\n')
     return d

@@ -92,7 +92,7 @@ def add_eval(sub):
     p.add_argument('--no-base', action='store_true', help='with --adapter: skip measuring the base alone')
     p.add_argument('--data', help='records of any format: instructions, conversations, prompt/completion, text (default: [data] test_file)')
     p.add_argument('--limit', type=int, help='first N examples only (= --set eval.limit=N)')
-    p.add_argument('--task', help="a shipped task's scorer: tickets or summary (default: [data] task for the test file; "
+    p.add_argument('--task', help="a shipped task's scorer: tickets, summary or support_chat (default: [data] task for the test file; "
                    "exact match and token F1 for --data)")
     p.add_argument('--output', help='metrics JSON file (default with --adapter: eval.json in the adapter folder)')
 
@@ -131,7 +131,7 @@ def cmd_demo(args):
 
 def add_demo(sub):
     "The arguments of `lora-nb demo`"
-    p = _subcommand(sub, cmd_demo, 'zero-shot -> train -> eval on the ticket task'); add_settings(p)
+    p = _subcommand(sub, cmd_demo, 'zero-shot -> train -> eval on the ticket task (--config configs/support_chat.ini: the chat task)'); add_settings(p)
     p.add_argument('--name', help='run name')
     p.add_argument('--processes', type=int, metavar='N', help='train on N processes (the evaluations run in one)')
 

@@ -178,12 +178,20 @@ def to_messages(record:dict, fmt:str|None=None) -> list:
 class TemplateError(DataError):
     "A chat template that is missing, refuses a conversation, or cannot be split into turns"
 
+def _apply_template(tokenizer, messages:list, generation_prompt:bool) -> str:
+    try: return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e: raise TemplateError(f"the chat template refused the conversation ({type(e).__name__}: {e})") from None
+
 def render_chat(tokenizer, messages:list, generation_prompt:bool=False) -> str:
     "The text of `messages` in the tokenizer's chat template, optionally followed by the opening of an assistant turn"
     if tokenizer is None or not getattr(tokenizer, 'chat_template', None):
         raise TemplateError("conversations need a tokenizer with a chat template; this one has none")
-    try: return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as e: raise TemplateError(f"the chat template refused the conversation ({type(e).__name__}: {e})") from None
+    text, eos = _apply_template(tokenizer, messages, generation_prompt), tokenizer.eos_token or ''
+    # Phi-3's template closes a chat with an EOS only when no reply is asked for: that EOS belongs to no turn, and
+    # leaving it out keeps the rendering of a conversation's start the start of the whole conversation's
+    if not generation_prompt and eos and text.endswith(eos) and not _apply_template(tokenizer, messages, True).endswith(eos):
+        return text[:-len(eos)]
+    return text
 
 # %% ../nbs/04_data.ipynb #c073
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"

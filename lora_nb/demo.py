@@ -6,11 +6,11 @@ Docs: https://github.com/lora-nb/lora_nb/demo.html.md"""
 
 # %% ../nbs/17_demo.ipynb #c003
 from __future__ import annotations
-import gc, json, os, time
+import dataclasses, gc, json, os, time
 from pathlib import Path
 from .core import atomic_write_text, cpu_name, cpu_flags, resolve_dtype
 from .config import Config, data_path, load_config
-from .data import read_records
+from .data import read_records, record_format, reference_answer, to_messages
 from .infer import evaluate, extract_response, generate_responses, metrics_table
 from .adapters import load_for_inference
 from .train import train
@@ -18,14 +18,20 @@ from .scaling import launch_training
 import peft, torch, transformers
 
 # %% auto #0
-__all__ = ['sample_answers', 'machine_facts', 'run_demo', 'checkpoint_adapters', 'exact_match_by_step', 'save_steps_record']
+__all__ = ['sample_answers', 'machine_facts', 'run_demo', 'checkpoint_adapters', 'exact_match_by_step', 'save_steps_record',
+           'template_mismatch', 'save_mismatch_record']
 
 # %% ../nbs/17_demo.ipynb #c006
+def _last_message(record:dict) -> str:
+    "What the model answers: an instruction record's input, else the last user message"
+    if record_format(record) == 'instruction': return record.get('input') or record['instruction']
+    return next((m['content'] for m in reversed(to_messages(record)) if m['role'] == 'user'), '')
+
 def sample_answers(model, tok, records, cfg:Config, n:int=3) -> list[dict]:
-    "Ticket, expected and generated answer for the first `n` records"
+    "Input (for a conversation: its last user message), expected and generated answer for the first `n` records"
     recs = list(records[:n])
     outs = generate_responses(model, tok, recs, cfg.data.template, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    return [dict(input=r['input'], expected=r['output'], generated=extract_response(o)) for r, o in zip(recs, outs)]
+    return [dict(input=_last_message(r), expected=reference_answer(r), generated=extract_response(o)) for r, o in zip(recs, outs)]
 
 # %% ../nbs/17_demo.ipynb #c008
 def machine_facts() -> dict:
@@ -36,8 +42,8 @@ def machine_facts() -> dict:
                 versions=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__))
 
 # %% ../nbs/17_demo.ipynb #c011
-def run_demo(cfg:Config|None=None, name:str|None=None, out=print) -> dict:
-    "Zero-shot eval, LoRA training, eval again; prints progress and a before/after table, returns the numbers"
+def run_demo(cfg:Config|None=None, name:str|None=None, out=print, record=None) -> dict:
+    "Zero-shot eval, LoRA training, eval again; prints progress and a before/after table, returns the numbers (also in `record`)"
     cfg = cfg or load_config()
     t0, facts = time.time(), machine_facts()
     test = read_records(data_path(cfg.data.test_file))
@@ -62,14 +68,14 @@ def run_demo(cfg:Config|None=None, name:str|None=None, out=print) -> dict:
     samples_after = sample_answers(model, tok, test, cfg)
     out('\n' + metrics_table({'zero-shot': before, 'fine-tuned': after}))
     for b, a in zip(samples_before, samples_after):
-        out(f"\nticket:     {b['input']}\nexpected:   {b['expected']}\nzero-shot:  {b['generated']}\nfine-tuned: {a['generated']}")
+        out(f"\ninput:      {b['input']}\nexpected:   {b['expected']}\nzero-shot:  {b['generated']}\nfine-tuned: {a['generated']}")
     result = dict(run=str(run), before=before, after=after, train=dict((k, metrics[k]) for k in
                   ('steps', 'train_seconds', 'tokens_per_sec', 'final_train_loss', 'final_eval_loss')),
                   total_seconds=round(time.time() - t0, 1), machine=facts,
-                  settings=dict(model=cfg.model.name, dtype=cfg.model.dtype, base_dtype=resolve_dtype(cfg.model.dtype, cfg.train.precision, cfg.model.device),
+                  settings=dict(task=cfg.data.task, model=cfg.model.name, dtype=cfg.model.dtype, base_dtype=resolve_dtype(cfg.model.dtype, cfg.train.precision, cfg.model.device),
                                 attn_implementation=cfg.model.attn_implementation, load_in_4bit=cfg.quant.load_in_4bit, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                 dropout=cfg.lora.dropout, lr=cfg.train.lr, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size))
-    atomic_write_text(run/'demo.json', json.dumps(result, indent=1))
+    for path in [run/'demo.json', *([record] if record else [])]: atomic_write_text(Path(path), json.dumps(result, indent=1))
     out(f"\ndemo finished in {result['total_seconds']:.0f} s; results in {run/'demo.json'}")
     return result
 
@@ -99,4 +105,28 @@ def save_steps_record(run, path, cfg:Config|None=None) -> dict:
     record = dict(run=str(run), settings=(Path(run)/'config.ini').read_text(), machine=machine_facts(),
                   rows=exact_match_by_step(run, cfg, test))
     atomic_write_text(Path(path), json.dumps(record, indent=1))
+    return record
+
+# %% ../nbs/17_demo.ipynb #c033
+def _first_exchange(record:dict) -> tuple[dict, dict]:
+    "A support chat's first exchange as a conversation and as an instruction record"
+    m = to_messages(record)[:3]
+    return dict(messages=m), dict(instruction=m[0]['content'], input=m[1]['content'], output=m[2]['content'])
+
+def template_mismatch(model, tok, records, cfg:Config) -> dict:
+    "Exact match on the first answer of `records` (support chats): as trained, as a chat instruction, as Alpaca"
+    pairs = [_first_exchange(r) for r in records]
+    with_template = lambda t: dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template=t))
+    runs = {'conversation (as trained)': ([c for c, _ in pairs], cfg), 'instruction, chat template': ([i for _, i in pairs], with_template('chat')),
+            'instruction, alpaca template': ([i for _, i in pairs], with_template('alpaca'))}
+    return {name: evaluate(model, tok, recs, c)['exact_match'] for name, (recs, c) in runs.items()}
+
+# %% ../nbs/17_demo.ipynb #c036
+def save_mismatch_record(record_path, n:int=100, cfg:Config|None=None) -> dict:
+    "Measure `template_mismatch` with the adapter of the demo record at `record_path` on `n` test records; add it to the record"
+    record = json.loads(Path(record_path).read_text())
+    cfg = cfg or load_config(data_path('configs/support_chat.ini'))
+    model, tok = load_for_inference(adapter=Path(record['run'])/'adapter', cfg=cfg)
+    record['template_mismatch'] = dict(n=n, exact_match=template_mismatch(model, tok, read_records(data_path(cfg.data.test_file))[:n], cfg))
+    atomic_write_text(Path(record_path), json.dumps(record, indent=1))
     return record

@@ -1,4 +1,4 @@
-"""Run the exported GGUF files: llama.cpp must give the merged model's tokens, and Ollama gets a Modelfile whose template is the training prompt.
+"""Export any family through llama.cpp's own converter and quantizer, run the files in llama.cpp, which must give the merged model's tokens, and give Ollama a Modelfile whose template is the training prompt.
 
 Docs: https://github.com/lora-nb/lora_nb/deploy.html.md"""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['LLAMA_CPP_PYTHON', 'OLLAMA_ALPACA', 'llama_cpp_status', 'transformers_greedy_ids', 'llama_cpp_tokenize',
-           'llama_cpp_generate', 'llama_cpp_logits', 'llama_cpp_tools', 'convert_hf', 'gguf_differences',
-           'quantize_gguf', 'export_model', 'convert_lora', 'render_go_template', 'ollama_values',
-           'ollama_chat_template', 'modelfile_text', 'write_modelfile', 'export_for_ollama']
+           'llama_cpp_generate', 'llama_cpp_logits', 'llama_cpp_tools', 'convert_hf', 'check_layer_pattern',
+           'gguf_differences', 'quantize_gguf', 'export_model', 'compare_quants', 'convert_lora', 'render_go_template',
+           'ollama_values', 'ollama_chat_template', 'modelfile_text', 'write_modelfile', 'export_for_ollama']
 
 # %% ../nbs/14_deploy.ipynb #c004
 import torch
@@ -23,8 +23,9 @@ import numpy as np
 from gguf import GGUFReader
 from .core import atomic_path, atomic_write_text, build_atomically, cache_dir, run_fresh
 from .config import CONVERTER_TYPES, QUANT_TYPES, Config, load_config
-from .tasks import TASKS
-from .data import TemplateError, end_of_turn, render_chat
+from .tasks import TASKS, scorer_for
+from .data import TemplateError, build_prompt, end_of_turn, reference_answer, render_chat
+from .models import load_base
 from .export import ExportError, export_gguf, gguf_lora_inputs, gguf_metadata, peft_scale, read_model_config
 
 # %% ../nbs/14_deploy.ipynb #c063
@@ -124,11 +125,24 @@ def convert_hf(model_dir, # a model folder (save_pretrained): config.json, weigh
               ) -> Path:
     "Write a model folder as one GGUF file with llama.cpp's own `convert_hf_to_gguf.py` (every architecture it supports)"
     if dtype not in CONVERTER_TYPES: raise ExportError(f"dtype {dtype!r}: the converter writes {', '.join(CONVERTER_TYPES)}; quantize_gguf makes the rest")
-    read_model_config(model_dir, llama_only=False)
+    check_layer_pattern(read_model_config(model_dir, llama_only=False), Path(model_dir)/'config.json')
     with atomic_path(output) as tmp: _run_tool('convert_hf_to_gguf.py', [Path(model_dir).resolve(), '--outfile', tmp, '--outtype', dtype], model_dir)
     return Path(output)
 
 # %% ../nbs/14_deploy.ipynb #c046
+_FIXED_SWA_PATTERN = {'gemma2': 2, 'gemma3': 6, 'gemma3_text': 6}  # llama.cpp: every n-th layer global, the rest sliding
+
+def check_layer_pattern(c:dict, where='config.json'):
+    "`ExportError` if the config's sliding/full layers differ from the pattern llama.cpp assumes for its architecture"
+    n, types = _FIXED_SWA_PATTERN.get(c.get('model_type')), c.get('layer_types')
+    if not (n and types): return
+    assumed = ['full_attention' if (i + 1) % n == 0 else 'sliding_attention' for i in range(len(types))]
+    if types != assumed:
+        i = next(i for i, (a, b) in enumerate(zip(types, assumed)) if a != b)
+        raise ExportError(f"{where}: layer_types[{i}] is {types[i]!r}, but llama.cpp runs {c['model_type']} with every {n}th layer global "
+                          f"and the others sliding ({assumed[i]!r} there): the GGUF would attend wrongly; export cannot carry this pattern")
+
+# %% ../nbs/14_deploy.ipynb #c049
 def gguf_differences(a, b) -> dict:
     "What differs between two GGUF files: metadata {key: (a's, b's)}, tensors {name: why}, and the largest value difference"
     ma, mb = gguf_metadata(a, None), gguf_metadata(b, None)
@@ -142,7 +156,7 @@ def gguf_differences(a, b) -> dict:
         elif not np.array_equal(x.data, y.data): tensors[n] = 'different quantized bytes'
     return dict(metadata=meta, tensors=tensors, max_abs_difference=worst)
 
-# %% ../nbs/14_deploy.ipynb #c049
+# %% ../nbs/14_deploy.ipynb #c052
 def _quantize_here(src:str, dst:str, qtype:str) -> int:
     "llama_model_quantize(src -> dst) in this process; its return code (0: done)"
     import ctypes, llama_cpp  # optional package, built from source: imported only when quantizing
@@ -162,7 +176,7 @@ def quantize_gguf(src, # an f32/f16/bf16 GGUF file
         if rc: raise ExportError(f"{src}: llama.cpp's quantizer failed ({qtype}, code {rc})")
     return Path(output)
 
-# %% ../nbs/14_deploy.ipynb #c051
+# %% ../nbs/14_deploy.ipynb #c054
 def _lossless_type(model_dir) -> str:
     "The GGUF type that holds a model folder's weights exactly (its config's dtype), for the file the quantizer reads"
     c = read_model_config(model_dir, llama_only=False)
@@ -182,7 +196,34 @@ def export_model(model_dir, # a merged model folder (save_pretrained)
     with tempfile.TemporaryDirectory(dir=Path(output).parent, prefix='.lora_nb-') as d:
         return quantize_gguf(convert_hf(model_dir, Path(d)/'lossless.gguf', _lossless_type(model_dir)), output, dtype)
 
-# %% ../nbs/14_deploy.ipynb #c054
+# %% ../nbs/14_deploy.ipynb #c057
+def _answer_top1(model, tok, gguf_path, prompts:list, answers:list) -> np.ndarray:
+    "Per answer position (teacher-forced): does llama.cpp's top-1 token in `gguf_path` equal the model's?"
+    texts, same = [p + a for p, a in zip(prompts, answers)], []
+    for p, t, lg in zip(prompts, texts, llama_cpp_logits(gguf_path, texts)):
+        ids, n = tok(t, return_tensors='pt', add_special_tokens=False), len(tok(p, add_special_tokens=False)['input_ids'])
+        with torch.no_grad(): ref = model(**ids).logits[0].argmax(-1).numpy()
+        same.append((lg.argmax(-1) == ref)[n - 1:-1])
+    return np.concatenate(same)
+
+def compare_quants(model_dir, # a merged model folder
+                   records:list, # test records of a shipped task
+                   cfg:Config, # [data] template and task, [eval] max_new_tokens
+                   folder, # where the GGUF files go
+                   types=('f32', 'q8_0', 'q6_k', 'q5_k_m', 'q4_k_m'),
+                  ) -> list[dict]:
+    "Per GGUF type, in llama.cpp: MB, top-1 agreement with the model at answer positions, exact match of greedy answers"
+    model, tok = load_base(str(model_dir), training=False)
+    prompts, answers = [build_prompt(r, cfg.data.template, tok) for r in records], [reference_answer(r) for r in records]
+    score, rows = scorer_for(cfg.data.task), []
+    for t in types:
+        f = export_model(model_dir, Path(folder)/f'{Path(model_dir).name}-{t}.gguf', t, cfg.export.converter)
+        got = [tok.decode(g) for g in llama_cpp_generate(f, prompts, cfg.eval.max_new_tokens)]
+        rows.append(dict(type=t, MB=round(f.stat().st_size / 1e6, 2), answer_top1_agreement=float(_answer_top1(model, tok, f, prompts, answers).mean()),
+                         exact_match=float(np.mean([score(g, a)['exact_match'] for g, a in zip(got, answers)]))))
+    return rows
+
+# %% ../nbs/14_deploy.ipynb #c067
 def _prescaled_copy(adapter_dir, a:dict, weights:dict, dest:Path) -> Path:
     "A copy of an adapter whose B matrices carry PEFT's scale over llama.cpp's alpha/r, so the converter's plain alpha/r is right"
     from safetensors.torch import save_file  # torch-side safetensors: only this path writes tensors
@@ -213,7 +254,7 @@ OLLAMA_ALPACA = ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\
 
 # %% ../nbs/14_deploy.ipynb #c070
 _GO_ACTION = re.compile(r'\{\{(.*?)\}\}', re.S)
-_GO_WORDS = re.compile(r'"(?:[^"\\]|\\.)*"|\S+')
+_GO_WORDS = re.compile(r'"(?:[^"\\]|\\.)*"|[()]|[^\s()]+')
 
 def _go_parse(parts, i=0):
     "Nodes up to the next {{ end }} or {{ else ... }} at this depth: (nodes, index after it, that action or None)"
@@ -234,31 +275,67 @@ def _go_parse(parts, i=0):
         nodes.append((word, branches))
     return nodes, i, None
 
-def _go_value(expr:str, dot):
-    "The value of `.Field`, `.`, a \"string\" or `eq A B`, with `dot` as Go's dot"
-    words = _GO_WORDS.findall(expr)
-    if len(words) == 3 and words[0] == 'eq': return _go_value(words[1], dot) == _go_value(words[2], dot)
-    if len(words) == 1 and words[0].startswith('"'): return json.loads(words[0])
-    if words == ['.']: return dot
-    if len(words) == 1 and re.fullmatch(r'\.\w+', words[0]):
-        name = words[0][1:]
-        return dot.get(name, dot.get(name.lower(), '')) if isinstance(dot, dict) else ''
-    raise ValueError(f"{{{{{expr}}}}}: not in the subset of Go templates render_go_template supports")
+_GO_FUNCS = {'eq': lambda a, b: a == b, 'and': lambda *a: all(a), 'or': lambda *a: any(a), 'not': lambda a: not a}
 
-def _go_run(nodes, dot, out:list):
-    "Append the text of `nodes`, evaluated with `dot`, to `out`"
+def _go_field(v, name:str):
+    "A field of a value: a message's .Role and .Content read its 'role' and 'content'; missing: empty"
+    return v.get(name, v.get(name.lower(), '')) if isinstance(v, dict) else ''
+
+def _go_operand(w:str, dot, env:dict):
+    "The value of one word: \"string\", number, `.`, `.Field`, `$.Field`, `$var` or `$var.Field`"
+    if w.startswith('"'): return json.loads(w)
+    if w.isdigit(): return int(w)
+    if w == '.': return dot
+    if re.fullmatch(r'\.\w+', w): return _go_field(dot, w[1:])
+    if re.fullmatch(r'\$\.\w+', w): return _go_field(env['$'], w[2:])
+    if (m := re.fullmatch(r'(\$\w+)\.(\w+)', w)) and m[1] in env: return _go_field(env[m[1]], m[2])
+    if w in env: return env[w]
+    raise ValueError(f"{w}: not in the subset of Go templates render_go_template supports")
+
+def _go_value(expr:str, dot, env:dict):
+    "The value of an action: an operand, or `eq`/`and`/`or`/`not` applied to operands and (parenthesised) actions"
+    words = _GO_WORDS.findall(expr)
+    def arg(i):  # one operand or parenthesised action at words[i]: (value, index after it)
+        return (run(i + 1)[0], _close(i + 1)) if words[i] == '(' else (_go_operand(words[i], dot, env), i + 1)
+    def run(i):  # one call or operand from words[i:], up to a ')': (value, index after it)
+        if words[i] not in _GO_FUNCS: return arg(i)
+        f, args, i = _GO_FUNCS[words[i]], [], i + 1
+        while i < len(words) and words[i] != ')':
+            v, i = arg(i); args.append(v)
+        try: return f(*args), i
+        except TypeError: raise ValueError(f"{{{{{expr}}}}}: wrong number of arguments") from None
+    def _close(i):  # index after the ')' that closes the '(' before words[i]
+        depth = 1
+        while depth:
+            depth += {'(': 1, ')': -1}.get(words[i], 0); i += 1
+        return i
+    try: value, i = run(0)
+    except IndexError: raise ValueError(f"{{{{{expr}}}}}: unbalanced parentheses") from None
+    if i != len(words): raise ValueError(f"{{{{{expr}}}}}: not in the subset of Go templates render_go_template supports")
+    return value
+
+def _go_range(expr:str, dot, env:dict):
+    "(items, names of the index and element variables) of a range action: `.Messages` or `$i, $m := .Messages`"
+    names, _, source = expr.rpartition(':=')
+    names = [n.strip() for n in names.split(',')] if names else []
+    if len(names) > 2 or not all(re.fullmatch(r'\$\w+', n) for n in names): raise ValueError(f"{{{{ range {expr} }}}}: not in the subset")
+    return _go_value(source.strip(), dot, env) or [], names
+
+def _go_run(nodes, dot, out:list, env:dict):
+    "Append the text of `nodes`, evaluated with `dot` and the variables in `env`, to `out`"
     for n in nodes:
         if isinstance(n, str): out.append(n)
-        elif n[0] == 'value': v = _go_value(n[1], dot); out.append('' if v is None else str(v))
-        elif n[0] == 'if': _go_run(next((body for expr, body in n[1] if expr is None or _go_value(expr, dot)), []), dot, out)
+        elif n[0] == 'value': v = _go_value(n[1], dot, env); out.append('' if v is None else str(v))
+        elif n[0] == 'if': _go_run(next((body for expr, body in n[1] if expr is None or _go_value(expr, dot, env)), []), dot, out, env)
         else:
             (expr, body), *otherwise = n[1]
-            items = _go_value(expr, dot) or []
-            for item in items: _go_run(body, item, out)
-            if not items and otherwise: _go_run(otherwise[0][1], dot, out)
+            items, names = _go_range(expr, dot, env)
+            for i, item in enumerate(items):
+                _go_run(body, item, out, env | dict(zip(names, (i, item) if len(names) == 2 else (item,))))
+            if not items and otherwise: _go_run(otherwise[0][1], dot, out, env)
 
 def render_go_template(template:str, **fields) -> str:
-    "Fill a Go text/template written in the subset above (fields, if/else if/else, eq, range) with `fields`"
+    "Fill a Go text/template written in the subset above (fields, variables, if/else if/else, eq/and/or/not, range) with `fields`"
     parts, pos = [], 0
     for m in _GO_ACTION.finditer(template):
         parts += [(template[pos:m.start()], None), (None, m[1].strip())]
@@ -266,7 +343,7 @@ def render_go_template(template:str, **fields) -> str:
     nodes, _, stop = _go_parse(parts + [(template[pos:], None)])
     if stop is not None: raise ValueError(f"{{{{ {stop} }}}} without an open if or range")
     out = []
-    _go_run(nodes, fields, out)
+    _go_run(nodes, fields, out, {'$': fields})
     return ''.join(out)
 
 # %% ../nbs/14_deploy.ipynb #c017
@@ -297,41 +374,60 @@ def _grown(short:str, long:str, what:str) -> str:
     if not long.startswith(short): raise ExportError(f"chat_template: it renders the start of a conversation differently once {what} follows")
     return long[len(short):]
 
-def _chat_pieces(tok) -> dict:
-    "The text a chat template puts around each role's content, before the first message and after the last; its default system message"
-    S, U, A, U2 = _PROBE
-    r = lambda msgs, gen=False: render_chat(tok, msgs, gen)
-    p = dict(gen=_grown(r([S, U]), r([S, U], True), 'the generation prompt'))
-    p['user_pre'], p['user_suf'] = _around(_grown(r([S, U, A]), r(_PROBE), 'a user turn'), U2['content'], 'a user turn')
-    p['asst_pre'], p['asst_suf'] = _around(_grown(r([S, U]), r([S, U, A]), 'an assistant turn'), A['content'], 'an assistant turn')
-    head, rest = _around(r([S, U]), S['content'], 'a system message')
+def _system_pieces(tok, p:dict, start:str) -> dict:
+    "How the template writes a system message: a turn of its own ('turn'), inside the first user turn ('folded'), or not at all"
+    S, U = _PROBE[:2]
+    try: with_system = render_chat(tok, [S, U])
+    except TemplateError: with_system = ''
+    if S['content'] not in with_system: return dict(mode='none', preamble=start, system=None)
+    head, rest = _around(with_system, S['content'], 'a system message')
     mid, tail = _around(rest, U['content'], 'a user turn')
-    if tail != p['user_suf'] or not mid.endswith(p['user_pre']):
-        raise ExportError("chat_template: it does not render a system message as a turn of its own before the first user turn")
-    p['sys_suf'] = mid[:len(mid) - len(p['user_pre'])]
+    if tail != p['user_suf']: raise ExportError("chat_template: the first user turn ends differently when a system message comes first")
+    if mid.endswith(p['user_pre']):  # a turn of its own
+        sys_suf = mid[:len(mid) - len(p['user_pre'])]
+        if head.startswith(start): return dict(mode='turn', preamble=start, sys_pre=head[len(start):], sys_suf=sys_suf, system=None)
+        if start.startswith(head) and start.endswith(sys_suf) and len(start) > len(head + sys_suf):
+            return dict(mode='turn', preamble='', sys_pre=head, sys_suf=sys_suf, system=start[len(head):len(start) - len(sys_suf)])
+        raise ExportError("chat_template: a conversation without a system message is rendered neither without one nor with a fixed default one")
+    if head.startswith(start + p['user_pre']):  # inside the first user turn, before its content
+        return dict(mode='folded', preamble=start, sys_pre=head[len(start + p['user_pre']):], sys_suf=mid, system=None)
+    raise ExportError("chat_template: it renders a system message neither as a turn of its own nor at the start of the first user turn")
+
+def _chat_pieces(tok) -> dict:
+    "The text a chat template puts around each role's content, before the first message and after the last; how it writes a system message"
+    _, U, A, U2 = _PROBE
+    r = lambda msgs, gen=False: render_chat(tok, msgs, gen)
+    p = dict(gen=_grown(r([U]), r([U], True), 'the generation prompt'))
+    p['user_pre'], p['user_suf'] = _around(_grown(r([U, A]), r([U, A, U2]), 'a user turn'), U2['content'], 'a user turn')
+    p['asst_pre'], p['asst_suf'] = _around(_grown(r([U]), r([U, A]), 'an assistant turn'), A['content'], 'an assistant turn')
     alone, body = r([U], True), p['user_pre'] + U['content'] + p['user_suf'] + p['gen']
-    start = alone[:len(alone) - len(body)]
-    if alone.endswith(body) and head.startswith(start):  # no system message unless one is given
-        return p | dict(preamble=start, sys_pre=head[len(start):], system=None)
-    if alone.startswith(head) and alone.endswith(p['sys_suf'] + body) and len(alone) > len(head + p['sys_suf'] + body):
-        return p | dict(preamble='', sys_pre=head, system=alone[len(head):len(alone) - len(p['sys_suf'] + body)])
-    raise ExportError("chat_template: a conversation without a system message is rendered neither without one nor with a fixed default one")
+    if not alone.endswith(body): raise ExportError("chat_template: a one-message chat does not end with its user turn and the generation prompt")
+    return p | _system_pieces(tok, p, alone[:len(alone) - len(body)])
+
+def _go_chat_template(p:dict) -> str:
+    "The Go TEMPLATE for the pieces of a chat template"
+    user = p['user_pre'] + '{{ .Content }}' + p['user_suf']
+    if p['mode'] == 'folded':  # Ollama puts the system message first in .Messages: the first user turn is then number 1
+        user = p['user_pre'] + '{{ if and $.System (eq $i 1) }}' + p['sys_pre'] + '{{ $.System }}' + p['sys_suf'] + '{{ end }}{{ .Content }}' + p['user_suf']
+    turns = ('{{ if eq .Role "user" }}' + user + '{{ else if eq .Role "assistant" }}' + p['asst_pre'] + '{{ .Content }}' + p['asst_suf']
+             + '{{ end }}{{ end }}' + p['gen'])
+    if p['mode'] == 'turn': return p['preamble'] + '{{ if .System }}' + p['sys_pre'] + '{{ .System }}' + p['sys_suf'] + '{{ end }}{{ range .Messages }}' + turns
+    return p['preamble'] + ('{{ range $i, $m := .Messages }}' if p['mode'] == 'folded' else '{{ range .Messages }}') + turns
 
 def ollama_chat_template(tok) -> dict:
     "Ollama's TEMPLATE (Go syntax), SYSTEM and stop strings for the tokenizer's chat template, checked to render as it does"
     try: p, eot = _chat_pieces(tok), end_of_turn(tok).strip()
     except TemplateError as e: raise ExportError(f"the Modelfile's TEMPLATE: {e}") from None
-    if any('{{' in v for v in p.values() if v): raise ExportError("chat_template: its text holds '{{', which Go would read as an action")
-    tpl = (p['preamble'] + '{{ if .System }}' + p['sys_pre'] + '{{ .System }}' + p['sys_suf'] + '{{ end }}{{ range .Messages }}'
-           '{{ if eq .Role "user" }}' + p['user_pre'] + '{{ .Content }}' + p['user_suf'] +
-           '{{ else if eq .Role "assistant" }}' + p['asst_pre'] + '{{ .Content }}' + p['asst_suf'] + '{{ end }}{{ end }}' + p['gen'])
-    for msgs in (_CHECK, _CHECK[1:], _CHECK[1:2], _CHECK[:2]):
+    if any('{{' in v for v in p.values() if isinstance(v, str)): raise ExportError("chat_template: its text holds '{{', which Go would read as an action")
+    tpl = _go_chat_template(p)
+    chats = (_CHECK, _CHECK[1:], _CHECK[1:2], _CHECK[:2]) if p['mode'] != 'none' else (_CHECK[1:], _CHECK[1:2])
+    for msgs in chats:
         want, got = render_chat(tok, msgs, True), render_go_template(tpl, **ollama_values(msgs, p['system']))
         if got != want:
             k = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
             raise ExportError(f"chat_template: a shape the Modelfile's TEMPLATE cannot follow (a {len(msgs)}-message chat differs at character "
                               f"{k}: {want[k:k + 30]!r} from the chat template, {got[k:k + 30]!r} from Go); write the TEMPLATE by hand")
-    return dict(template=tpl, system=p['system'], stop=list(dict.fromkeys(s for s in (eot, tok.eos_token) if s)))
+    return dict(template=tpl, system=p['system'], system_mode=p['mode'], stop=list(dict.fromkeys(s for s in (eot, tok.eos_token) if s)))
 
 # %% ../nbs/14_deploy.ipynb #c028
 def modelfile_text(gguf_file:str, # the GGUF file, relative to the Modelfile's folder
@@ -358,7 +454,10 @@ def write_modelfile(gguf_path, tok, cfg=None) -> Path:
     if d.template == 'alpaca':
         m = dict(template=OLLAMA_ALPACA, system=TASKS[d.task]['instruction'] if d.task in TASKS else None, stop=('<|im_end|>', '###'),
                  how="SYSTEM is the ### Instruction, your message the ### Input")
-    else: m = ollama_chat_template(tok) | dict(how="The model's chat template, as in training; for a task, your message is the instruction, a blank line, the input")
+    else:
+        m = ollama_chat_template(tok)
+        ignored = " (this template has no system message: SYSTEM and system messages are left out)" if m.pop('system_mode') == 'none' else ''
+        m['how'] = "The model's chat template, as in training" + ignored + "; for a task, your message is the instruction, a blank line, the input"
     text = modelfile_text(Path(gguf_path).name, temperature=e.temperature if e.do_sample else 0.0, top_p=e.top_p if e.do_sample else None, **m)
     path = Path(gguf_path).parent/'Modelfile'
     atomic_write_text(path, text)

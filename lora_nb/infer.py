@@ -20,7 +20,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from .core import atomic_write_text, pick_precision, resolve_dtype
 from .config import Config, load_config
-from .tasks import SCORERS, DataError, scorer_for
+from .tasks import TASKS, DataError, scorer_for
 from .data import (build_prompt, collator_for, detect_format, end_of_turn, prompt_ids, read_records, record_format,
                           reference_answer, tokenize_records)
 from .models import load_base_from
@@ -98,10 +98,10 @@ def score_text(prediction:str, reference:str) -> dict:
 
 # %% ../nbs/11_inference.ipynb #c014
 def score_responses(responses, records, task:str|None='tickets') -> dict:
-    "Mean of each score over the examples, plus `n`: a shipped task's scorer for its instruction records, else `score_text`"
+    "Mean of each score over the examples, plus `n`: a shipped task's scorer for records in its format, else `score_text`"
     if not records: raise DataError("no examples to score: the records are empty")
     fmt = detect_format(records)
-    score = scorer_for(task) if fmt == 'instruction' and task in SCORERS else score_text
+    score = scorer_for(task) if task in TASKS and TASKS[task]['format'] == fmt else score_text
     rows = [score(extract_response(p) if fmt == 'instruction' else p.strip(), reference_answer(r)) for p, r in zip(responses, records)]
     return {'n': len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}}
 

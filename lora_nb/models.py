@@ -16,8 +16,8 @@ __all__ = ['EMBEDDED_WHEEL', 'EMBEDDED_GGUF', 'FAMILY_CONFIGS', 'BUILTIN_MODELS'
            'tiny_family_config', 'tiny_family', 'resolve_model', 'load_tokenizer', 'packed_lengths',
            'packed_sdpa_attention', 'PackedAttentionWarning', 'packed_attention_problem', 'padded_attention',
            'quant_config', 'load_base', 'load_base_from', 'chat_once', 'packing_gap', 'linear_layer_names',
-           'TargetError', 'resolve_targets', 'lora_config', 'attach_lora', 'attach_lora_from', 'TrainableReport',
-           'trainable_report', 'preset_for']
+           'TargetError', 'resolve_targets', 'lora_config', 'skip_lora_input_casts', 'attach_lora', 'attach_lora_from',
+           'TrainableReport', 'trainable_report', 'preset_for']
 
 # %% ../nbs/05_models.ipynb #c004
 from .core import (LoraNbError, build_atomically, cache_dir, file_sha256, hub_unreachable, pick_device,
@@ -349,18 +349,32 @@ def lora_config(model, r=16, alpha=32, dropout=0.05, target_modules='all-linear'
                       target_modules=resolve_targets(model, target_modules), use_rslora=use_rslora, use_dora=use_dora)
 
 # %% ../nbs/05_models.ipynb #c045
-def attach_lora(model, seed:int=0, **lora_kw):
+def skip_lora_input_casts(model):
+    "Skip PEFT's cast of every LoRA input to the adapter's dtype while `model` runs under autocast (an exact, wasted round trip there)"
+    layers = [m for m in model.modules() if hasattr(m, 'cast_input_dtype_enabled') and not getattr(m, 'lora_variant', None)]
+    if not layers: return model  # DoRA and other variants keep PEFT's casts
+    def set_casts(module, args):
+        cast = not torch.is_autocast_enabled(layers[0].weight.device.type)
+        if layers[0].cast_input_dtype_enabled != cast:
+            for m in layers: m.cast_input_dtype_enabled = cast
+    model.get_base_model().register_forward_pre_hook(set_casts)
+    return model
+
+def attach_lora(model, seed:int=0,
+                input_casts:bool=True, # PEFT's cast of each LoRA input to the adapter's dtype; False: skipped under autocast (`skip_lora_input_casts`)
+                **lora_kw):
     "Wrap `model` in a PEFT LoRA adapter (seeded init); `lora_kw` as in `lora_config`"
     from peft import get_peft_model
     from transformers import set_seed
     cfg = lora_config(model, **lora_kw)
     set_seed(seed)
-    return get_peft_model(model, cfg)
+    peft_model = get_peft_model(model, cfg)
+    return peft_model if input_casts else skip_lora_input_casts(peft_model)
 
-def attach_lora_from(model, cfg):
-    "`attach_lora` with the `[lora]` settings (and `[train] seed`) of `cfg`"
+def attach_lora_from(model, cfg, input_casts:bool=False):
+    "`attach_lora` with the `[lora]` settings (and `[train] seed`) of `cfg`; PEFT's input casts skipped under autocast"
     l = cfg.lora
-    return attach_lora(model, seed=cfg.train.seed, r=l.r, alpha=l.alpha, dropout=l.dropout,
+    return attach_lora(model, seed=cfg.train.seed, r=l.r, alpha=l.alpha, dropout=l.dropout, input_casts=input_casts,
                        target_modules=l.target_modules, bias=l.bias, use_rslora=l.use_rslora, use_dora=l.use_dora)
 
 # %% ../nbs/05_models.ipynb #c048

@@ -15,9 +15,10 @@ __all__ = ['TICKET_INSTRUCTION', 'INTENTS', 'TICKET_PHRASINGS', 'HELD_OUT_PER_IN
            'SURNAMES', 'ITEMS', 'CITIES', 'STREETS', 'WEEKDAYS', 'MONTHS', 'ORDER_FORMS', 'NO_ORDER_FORMS',
            'ORDER_SENTENCES', 'URGENT_CUES', 'URGENT_PREFIXES', 'CALM_CUES', 'DISTRACTORS_ANY', 'DISTRACTORS_PURCHASE',
            'PURCHASE_INTENTS', 'SUBJECTS', 'ORDER_RATE', 'SUMMARY_INSTRUCTION', 'SUMMARY_CODES', 'SPLIT_SIZES',
-           'TEST_HELD_OUT_SHARE', 'URGENT_RATE', 'TASKS', 'SCORERS', 'make_ticket', 'ticket_answer', 'summary_answer',
-           'make_tickets', 'task_splits', 'label_summary', 'DataError', 'task_file_bytes', 'write_task_files',
-           'first_json_object', 'score_ticket', 'score_summary', 'scorer_for']
+           'TEST_HELD_OUT_SHARE', 'URGENT_RATE', 'SUPPORT_SYSTEM', 'FOLLOWUPS', 'FOLLOWUP_HELD_OUT', 'INTENT_WORDS',
+           'TICKET_LABELS', 'TASKS', 'SCORERS', 'make_ticket', 'ticket_answer', 'summary_answer', 'make_tickets',
+           'make_followup', 'support_conversation', 'task_splits', 'label_summary', 'DataError', 'task_file_bytes',
+           'write_task_files', 'first_json_object', 'score_ticket', 'score_summary', 'scorer_for']
 
 # %% ../nbs/03_tasks.ipynb #c006
 TICKET_INSTRUCTION = "Triage this support ticket. Reply with JSON: intent, order_id, urgent."
@@ -318,12 +319,76 @@ def make_tickets(rng:random.Random, n:int, held_out_share:float=0.0, taken:set|N
     rng.shuffle(out)
     return out
 
+# %% ../nbs/03_tasks.ipynb #c059
+SUPPORT_SYSTEM = TICKET_INSTRUCTION + " When the customer adds or corrects something, reply with the updated JSON."
+FOLLOWUPS = {
+ 'order': ["The order number is {id}.", "Sorry, forgot to add it: order #{id}.", "Here is my order number: {id}.",
+           "it's order {id}", "Found it, the order no. is {id}.", "My order ID is {id}, sorry.", "ref {id}",
+           "Order number {id}, if that helps.", "I checked my email: order #{id}.", "oh and the order is {id}"],
+ 'order_fix': ["Sorry, wrong number. It's order {id}.", "Correction: the order number is {id}, not the one I wrote.",
+               "my bad, the right order is #{id}", "Apologies, I mistyped it. The order is {id}.", "oops, typo - order no. {id}",
+               "Actually the correct reference is {id}.", "Please use order {id} instead, the other number was wrong.",
+               "wrong order number sorry, it should be {id}"],
+ 'urgent': ["Update: this has become urgent, I need it by {weekday}.", "Actually, it is urgent now. Please hurry.",
+            "Sorry, I should have said: this is urgent.", "things changed, i need this asap",
+            "Can you treat this as urgent? I need it by tomorrow.", "Please make this a priority, it's urgent.",
+            "Just found out I need it by {weekday}, so this is urgent now.", "this is time sensitive now, pls hurry"],
+ 'calm': ["Update: no rush after all, it can wait.", "Actually it is not urgent anymore, take your time.",
+          "never mind the deadline, whenever is fine", "Sorry for the pressure earlier; there is no hurry now.",
+          "It's no longer time sensitive.", "turns out it can wait till next week, not urgent",
+          "Please ignore what I said about urgency, it can wait.", "no need to rush anymore, thanks"],
+ 'intent': ["Sorry, I described it wrong: {what}.", "Actually, {what}.", "correction: {what}", "Let me rephrase: {what}.",
+            "To be clear, {what}.", "what i meant is {what}"]}
+FOLLOWUP_HELD_OUT = 2
+INTENT_WORDS = {'refund_request': ["I want a refund", "I would like my money back"],
+                'shipping_delay': ["my parcel has not arrived yet", "the delivery is late"],
+                'damaged_item': ["the item arrived broken", "the item is damaged"],
+                'wrong_item': ["you sent me the wrong item", "the item is not the one I ordered"],
+                'cancel_order': ["I want to cancel the order", "please cancel it instead"],
+                'change_address': ["I need to change the delivery address", "it has to go to a new address"],
+                'account_access': ["I cannot log in to my account", "my account is locked"],
+                'billing_issue': ["I was charged the wrong amount", "there is a problem with my bill"]}
+
+# %% ../nbs/03_tasks.ipynb #c061
+def make_followup(rng:random.Random, intent:str, order_id:str|None, urgent:bool, all_phrasings:bool=False) -> dict:
+    "A customer's follow-up that changes one label of a triaged ticket: text, kind, phrasing and the labels after it"
+    kind = rng.choice(['order_fix' if order_id else 'order', 'calm' if urgent else 'urgent', 'intent'])
+    n = len(FOLLOWUPS[kind])
+    k = rng.randrange(n if all_phrasings else n - FOLLOWUP_HELD_OUT)
+    new = dict(intent=intent, order_id=order_id, urgent=urgent)
+    if kind in ('order', 'order_fix'):
+        while new['order_id'] == order_id: new['order_id'] = f"{rng.randrange(10000, 100000)}"
+    elif kind == 'intent': new['intent'] = rng.choice([i for i in INTENTS if i != intent])
+    else: new['urgent'] = kind == 'urgent'
+    text = FOLLOWUPS[kind][k].format(id=new['order_id'], weekday=rng.choice(WEEKDAYS), what=rng.choice(INTENT_WORDS[new['intent']]))
+    return dict(text=text, kind=kind, phrasing=k, held_out=k >= n - FOLLOWUP_HELD_OUT, **new)
+
+# %% ../nbs/03_tasks.ipynb #c064
+TICKET_LABELS = ('intent', 'order_id', 'urgent', 'phrasing', 'held_out')
+
+def support_conversation(rng:random.Random, ticket:dict, all_phrasings:bool=False) -> tuple[dict, dict]:
+    "({'messages': [system, ticket, JSON, follow-up, updated JSON]}, labels) of one ticket from `make_tickets`"
+    first = {k: ticket[k] for k in ('intent', 'order_id', 'urgent')}
+    f = make_followup(rng, **first, all_phrasings=all_phrasings)
+    last = {k: f[k] for k in first}
+    turns = [('system', SUPPORT_SYSTEM), ('user', ticket['input']), ('assistant', ticket_answer(**first)),
+             ('user', f['text']), ('assistant', ticket_answer(**last))]
+    labels = {**{k: ticket[k] for k in TICKET_LABELS}, 'followup': f['kind'], 'followup_held_out': f['held_out'], 'last': last}
+    return dict(messages=[dict(role=r, content=c) for r, c in turns]), labels
+
 # %% ../nbs/03_tasks.ipynb #c033
-TASKS = dict(tickets=dict(instruction=TICKET_INSTRUCTION, answer=ticket_answer, seed=0),
-             summary=dict(instruction=SUMMARY_INSTRUCTION, answer=summary_answer, seed=1))
+TASKS = dict(tickets=dict(format='instruction', instruction=TICKET_INSTRUCTION, answer=ticket_answer, seed=0),
+             summary=dict(format='instruction', instruction=SUMMARY_INSTRUCTION, answer=summary_answer, seed=1),
+             support_chat=dict(format='conversations', instruction=SUPPORT_SYSTEM, answer=ticket_answer, seed=2))
+
+def _task_record(spec:dict, t:dict, rng:random.Random, test:bool) -> tuple[dict, dict]:
+    "(record, labels) of ticket `t` in the task's format"
+    if spec['format'] == 'conversations': return support_conversation(rng, t, all_phrasings=test)
+    r = dict(instruction=spec['instruction'], input=t['input'], output=spec['answer'](t['intent'], t['order_id'], t['urgent']))
+    return r, {k: t[k] for k in TICKET_LABELS}
 
 def task_splits(task:str='tickets', sizes:dict|None=None, with_labels:bool=False) -> dict:
-    "{'train': [...], 'val': [...], 'test': [...]} Alpaca records of a shipped task (plus labels if `with_labels`)"
+    "{'train': [...], 'val': [...], 'test': [...]} records of a shipped task (plus labels if `with_labels`)"
     if task not in TASKS: raise ValueError(f"unknown task {task!r}; shipped tasks: {', '.join(TASKS)}")
     spec, sizes = TASKS[task], sizes or SPLIT_SIZES
     rng, taken, out = random.Random(spec['seed']), set(), {}
@@ -331,9 +396,8 @@ def task_splits(task:str='tickets', sizes:dict|None=None, with_labels:bool=False
         tickets = make_tickets(rng, n, TEST_HELD_OUT_SHARE if split == 'test' else 0.0, taken)
         recs = []
         for t in tickets:
-            r = dict(instruction=spec['instruction'], input=t['input'],
-                     output=spec['answer'](t['intent'], t['order_id'], t['urgent']))
-            if with_labels: r['labels'] = {k: t[k] for k in ('intent', 'order_id', 'urgent', 'phrasing', 'held_out')}
+            r, labels = _task_record(spec, t, rng, split == 'test')
+            if with_labels: r['labels'] = labels
             recs.append(r)
         out[split] = recs
     return out
@@ -410,7 +474,7 @@ def score_summary(prediction:str, reference:str) -> dict:
     return dict(format_valid=valid, intent=f[0], order_id=f[1], urgent=f[2], exact_match=int(valid and all(f)))
 
 # %% ../nbs/03_tasks.ipynb #c054
-SCORERS = dict(tickets=score_ticket, summary=score_summary)
+SCORERS = dict(tickets=score_ticket, summary=score_summary, support_chat=score_ticket)  # support_chat: its last answer
 
 def scorer_for(task:str):
     "The scoring function of a shipped task"

@@ -5,8 +5,13 @@ import pytest
 
 from lora_nb.core import cpu_flags, cpu_name
 from lora_nb.memory import model_shape
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from lora_nb.models import attach_lora, load_base, packed_sdpa_attention
 from lora_nb.bench import (run_bench, summarize_bench, format_bench, lora_roofline, measure_recipe, PROFILE_GROUPS, op_group,
-                           profile_groups, profile_step, step_gemms)
+                           profile_groups, profile_step, step_gemms, bench_config, lever_model, run_lever_ratios, RATIO_LEVERS,
+                           _attention_outside_compile)
 
 
 @pytest.fixture(scope='module')
@@ -166,3 +171,73 @@ def test_profile_groups_sorts_and_adds_up():
 
 def test_profile_step_needs_a_warmup_step():
     with pytest.raises(ValueError, match='warmup must be >= 1'): profile_step('tiny', steps=1, warmup=0)
+
+
+class _Conversions(TorchDispatchMode):
+    "Counts dtype conversions (aten::_to_copy) to fp32 run inside it"
+    def __init__(self): super().__init__(); self.fp32 = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.__name__.startswith('_to_copy') and kwargs.get('dtype') == torch.float32: self.fp32 += 1
+        return func(*args, **kwargs)
+
+
+def _lora_forward(input_casts, autocast=True):
+    "Loss, LoRA gradients and fp32 conversions in the forward pass of the tiny bf16 model with an adapter (B non-zero)"
+    m = attach_lora(load_base('tiny', dtype='bfloat16')[0], r=8, alpha=16, dropout=0.0, input_casts=input_casts)
+    torch.manual_seed(0)
+    for n, p in m.named_parameters():
+        if 'lora_B' in n: torch.nn.init.normal_(p, std=0.02)
+    ids = torch.arange(1, 33)[None]
+    with torch.autocast('cpu', torch.bfloat16, enabled=autocast):
+        with _Conversions() as conv: loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+    n_lora = sum(1 for mod in m.modules() if hasattr(mod, 'cast_input_dtype_enabled'))
+    return float(loss.detach()), [p.grad.clone() for p in m.parameters() if p.requires_grad], conv.fp32, n_lora
+
+
+def test_lora_input_casts_skipped_under_autocast():
+    "The default adapter converts no LoRA input to fp32 under autocast (one conversion fewer per LoRA layer) and trains bit for bit the same"
+    kept, skipped = _lora_forward(input_casts=True), _lora_forward(input_casts=False)
+    assert kept[3] == skipped[3] == 14  # tiny: 2 layers x 7 projections
+    assert kept[2] - skipped[2] == kept[3]
+    assert kept[0] == skipped[0] and all(torch.equal(a, b) for a, b in zip(kept[1], skipped[1]))
+    # without autocast the bf16 base still needs PEFT's cast (fp32 LoRA weights): it is back on, and the numbers agree
+    plain_kept, plain_skipped = _lora_forward(True, autocast=False), _lora_forward(False, autocast=False)
+    assert plain_skipped[2] == plain_kept[2] and plain_skipped[0] == pytest.approx(plain_kept[0], rel=1e-6)
+
+
+def test_lever_models_change_what_they_claim():
+    cfg = bench_config('tiny', 1, 2)
+    default, _ = lever_model('tiny', {}, cfg)
+    bf16, _ = lever_model('tiny', dict(lora_dtype='bfloat16'), cfg)
+    assert {p.dtype for p in default.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in default.parameters() if not p.requires_grad} == {torch.bfloat16}  # the base, as lora_nb trains it
+    casts = lever_model('tiny', dict(input_casts=True), cfg)[0]
+    flags = lambda m: {mod.cast_input_dtype_enabled for mod in m.modules() if hasattr(mod, 'cast_input_dtype_enabled')}
+    assert flags(casts) == flags(default) == {True}  # outside autocast both cast; the default turns them off per forward under autocast
+    assert len(default.get_base_model()._forward_pre_hooks) == 1 and not casts.get_base_model()._forward_pre_hooks
+
+
+def test_attention_outside_compile_is_undone():
+    with _attention_outside_compile(True): assert ALL_ATTENTION_FUNCTIONS['packed_sdpa'] is not packed_sdpa_attention
+    assert ALL_ATTENTION_FUNCTIONS['packed_sdpa'] is packed_sdpa_attention
+    with pytest.raises(RuntimeError), _attention_outside_compile(True): raise RuntimeError
+    assert ALL_ATTENTION_FUNCTIONS['packed_sdpa'] is packed_sdpa_attention
+
+
+def test_lever_ratios_record(tmp_path):
+    "Interleaved levers on the tiny model: ratios against the first row, losses that show which levers change the arithmetic"
+    path, threads = tmp_path/'levers.json', torch.get_num_threads()
+    d = run_lever_ratios('tiny', save=str(path), threads=1, levers=RATIO_LEVERS[:4], groups=2, unit=16, batch_size=8, out=lambda s: None)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(d)) and torch.get_num_threads() == threads
+    assert d['threads'] == 1 and d['machine']['cpu'] == cpu_name() and len(d['load_average_before']) == 3
+    rows = {r['lever']: r for r in d['rows']}
+    assert list(rows) == [n for n, _ in RATIO_LEVERS[:4]]
+    assert rows['lora_nb default']['ratio'] == rows['lora_nb default']['ratio_cpu'] == 1.0
+    assert all(r['ratio'] > 0 and len(r['groups']) == 2 for r in rows.values())
+    base = rows['lora_nb default']['losses']
+    assert len(base) == 3 * 2 and rows["PEFT's input casts kept"]['losses'] == base  # exact: the same run
+    assert rows['LoRA weights stored in bf16']['losses'][0] == base[0] and rows['LoRA weights stored in bf16']['losses'] != base
+    assert len(rows['16 examples a step']['losses']) == 3  # one step per group of 16

@@ -63,6 +63,9 @@ def test_merge_then_export(adapter, tmp_path):
     code, out, err = run('export', '--adapter', adapter, '--output', tmp_path/'lora.gguf')
     assert code == 0, err[-3000:]
     assert (tmp_path/'lora.gguf').exists()
+    code, out, err = run('export', '--adapter', adapter, '--output', tmp_path/'lora-ours.gguf', '--converter', 'lora_nb')
+    assert code == 0, err[-3000:]
+    assert (tmp_path/'lora-ours.gguf').exists()
 
 
 @pytest.mark.parametrize('args, code, message', [

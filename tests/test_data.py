@@ -7,12 +7,12 @@ import pytest
 
 from lora_nb.config import data_path, load_config, project_root
 from lora_nb.data import (
-    Records, build_prompt, collate_padded, collate_padding_free, collator_for, length_grouped_batches, load_splits,
+    Records, build_prompt, reference_answer, collate_padded, collate_padding_free, collator_for, length_grouped_batches, load_splits,
     pack_examples, padding_cost, per_example_loss, random_batches, read_records, split_records, tokenize_example,
     tokenize_records, validate_records)
 from lora_nb.tasks import (
-    INTENTS, MONTHS, SCORERS, SPLIT_SIZES, SUMMARY_CODES, TASKS, TEST_HELD_OUT_SHARE, TICKET_INSTRUCTION, WEEKDAYS,
-    DataError, first_json_object, score_summary, score_ticket, task_file_bytes, task_splits, write_task_files)
+    FOLLOWUPS, INTENTS, MONTHS, SCORERS, SPLIT_SIZES, SUMMARY_CODES, SUPPORT_SYSTEM, TASKS, TEST_HELD_OUT_SHARE,
+    TICKET_INSTRUCTION, WEEKDAYS, DataError, ticket_answer, first_json_object, score_summary, score_ticket, task_file_bytes, task_splits, write_task_files)
 
 DATA = project_root()/'data'
 
@@ -26,6 +26,19 @@ def tok():
 @pytest.fixture(scope='module')
 def labelled():
     return {task: task_splits(task, with_labels=True) for task in TASKS}
+
+
+def ticket_text(r):
+    "The ticket of a record of any shipped task: an instruction's input, or a support chat's first user turn"
+    return r['input'] if 'input' in r else r['messages'][1]['content']
+
+
+def answer_labels(r):
+    "The labels the record's scored answer follows (a support chat's: those after the follow-up)"
+    return r['labels'].get('last', r['labels'])
+
+
+FIELDS = dict(instruction=['instruction', 'input', 'output'], conversations=['messages'])
 
 
 # --- shipped data -------------------------------------------------------------------------------------------
@@ -52,11 +65,11 @@ def test_write_task_files_checks_and_refuses_to_overwrite(tmp_path):
 def test_split_sizes_fields_and_uniqueness(labelled):
     for task, splits in labelled.items():
         assert {k: len(v) for k, v in splits.items()} == SPLIT_SIZES
-        inputs = [r['input'] for v in splits.values() for r in v]
+        inputs = [ticket_text(r) for v in splits.values() for r in v]
         assert len(set(inputs)) == len(inputs), f"{task}: a ticket appears twice"
-    for name in [f'{t}_{s}.jsonl' for t in TASKS for s in SPLIT_SIZES]:
-        for line in (DATA/name).read_text().splitlines():
-            assert list(json.loads(line)) == ['instruction', 'input', 'output']
+    for t, s in [(t, s) for t in TASKS for s in SPLIT_SIZES]:
+        for line in (DATA/f'{t}_{s}.jsonl').read_text().splitlines():
+            assert list(json.loads(line)) == FIELDS[TASKS[t]['format']]
 
 
 def test_held_out_phrasings_only_in_test(labelled):
@@ -93,6 +106,26 @@ def test_answers_follow_the_labels(labelled):
         assert urgency == ('urgent' if lab['urgent'] else 'normal')
 
 
+def test_support_chat_conversations_follow_the_labels(labelled):
+    keys = ('intent', 'order_id', 'urgent')
+    for split, recs in labelled['support_chat'].items():
+        for r in recs:
+            lab, last, m = r['labels'], r['labels']['last'], r['messages']
+            assert [x['role'] for x in m] == ['system', 'user', 'assistant', 'user', 'assistant']
+            assert m[0]['content'] == SUPPORT_SYSTEM
+            assert m[2]['content'] == ticket_answer(*(lab[k] for k in keys)) and m[4]['content'] == ticket_answer(*(last[k] for k in keys))
+            changed = {k for k in keys if lab[k] != last[k]}
+            kind = lab['followup']
+            assert changed == {dict(order='order_id', order_fix='order_id', urgent='urgent', calm='urgent').get(kind, 'intent')}, r
+            assert kind != 'order' or lab['order_id'] is None
+            assert kind != 'order_fix' or lab['order_id'] is not None
+            assert FIVE_DIGITS.findall(m[3]['content']) == ([last['order_id']] if kind.startswith('order') else [])
+            assert not lab['followup_held_out'] or split == 'test'
+    test = labelled['support_chat']['test']
+    assert {r['labels']['followup'] for r in test} == set(FOLLOWUPS)
+    assert 0.1 < sum(r['labels']['followup_held_out'] for r in test) / len(test) < 0.5
+
+
 # A careful reader's rules: the order id is the only 5-digit number and follows an order cue; a ticket is urgent
 # exactly when it contains an explicit speed word or deadline.
 ORDER_CUE = re.compile(r"(?i)(?:#|order(?: no\.| number(?: is)?| ID| ref:?)?|ref:?|no\.)\s*#?(\d{5})\b")
@@ -105,7 +138,7 @@ def test_labels_are_decidable_from_the_text(labelled):
     for task, splits in labelled.items():
         for split, recs in splits.items():
             for r in recs:
-                text, lab = r['input'], r['labels']
+                text, lab = ticket_text(r), r['labels']
                 expected = {lab['order_id']} if lab['order_id'] else set()
                 assert set(ORDER_CUE.findall(text)) == expected, (task, split, text)
                 assert set(FIVE_DIGITS.findall(text)) == expected, (task, split, text)
@@ -156,9 +189,10 @@ def test_every_shipped_answer_scores_one_against_itself_and_zero_against_other_l
         score = SCORERS[task]
         recs = splits['test']
         for a, b in zip(recs, recs[1:] + recs[:1]):
-            assert score(a['output'], a['output'])['exact_match'] == 1
-            same = all(a['labels'][k] == b['labels'][k] for k in ('intent', 'order_id', 'urgent'))
-            assert score(a['output'], b['output'])['exact_match'] == int(same)
+            ra, rb = reference_answer(a), reference_answer(b)
+            assert score(ra, ra)['exact_match'] == 1
+            same = all(answer_labels(a)[k] == answer_labels(b)[k] for k in ('intent', 'order_id', 'urgent'))
+            assert score(ra, rb)['exact_match'] == int(same)
 
 
 def test_first_json_object():

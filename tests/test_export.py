@@ -247,6 +247,10 @@ def test_chat_modelfile_renders_the_jinja_template(stand_in, tmp_path):
         assert (o['system'], o['stop']) == (want_system, want_stop)
         for msgs in (CONVO, CONVO[1:]): assert _ollama_text(o, msgs) == _jinja_text(t, msgs)
         assert '<|im_start|>system' not in _ollama_text(o, CONVO[1:])
+    # Llama 2 writes the system message inside the first user turn: the Go template follows it, with and without one
+    o = ollama_chat_template(_with_template(stand_in[1], LLAMA2))
+    assert o['system_mode'] == 'folded' and '{{ if and $.System (eq $i 1) }}' in o['template']
+    for msgs in (CONVO, CONVO[1:], CONVO[:2]): assert _ollama_text(o, msgs) == _jinja_text(_with_template(stand_in[1], LLAMA2), msgs)
 
 
 def test_chat_modelfile_refusals(stand_in, tmp_path):
@@ -256,7 +260,7 @@ def test_chat_modelfile_refusals(stand_in, tmp_path):
     numbered = CHATML.replace("m['role'] + '\n'", "m['role'] + ' ' + loop.index|string + '\n'")  # turns numbered: caught by the check
     history = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}{% if not loop.last %}{{ '<|im_end|>\n' }}{% endif %}"
                "{% endfor %}")
-    for template, why in ((LLAMA2, 'not render a system message as a turn of its own'), (numbered, 'chat_template: '),
+    for template, why in ((numbered, 'chat_template: '),
                           (history, 'neither without one nor with a fixed default one'), (None, 'a chat template; this one has none')):
         with pytest.raises(ExportError, match=why): write_modelfile(tmp_path/'m.gguf', _with_template(stand_in[1], template), chat)
     assert not (tmp_path/'Modelfile').exists()

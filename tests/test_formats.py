@@ -477,3 +477,35 @@ def test_measure_is_loss_then_scores(tiny, tok):
     assert list(m) == ['n', 'tokens', 'loss', 'perplexity', 'exact_match', 'f1', 'seconds'] and m['n'] == 2
     assert m['loss'] == supervised_loss(tiny, tok, recs[:2], cfg)['loss']
     assert list(measure(tiny, tok, [dict(text='a few words of text')], cfg)) == ['n', 'tokens', 'loss', 'perplexity']
+
+
+# --- the shipped conversational task (nbs/03_tasks.ipynb: support_chat) ----------------------------------------------
+
+@pytest.fixture(scope='module')
+def support_chat():
+    return read_records(ROOT/'data'/'support_chat_test.jsonl')
+
+
+@pytest.mark.parametrize('train_on', ['all_assistant', 'last_assistant'])
+def test_support_chat_learns_its_json_answers_and_their_end(tok, support_chat, train_on):
+    for rec in support_chat[:20]:
+        ex = tokenize_example(rec, tok, train_on=train_on)
+        answers = [m['content'] for m in rec['messages'] if m['role'] == 'assistant']
+        want = answers if train_on == 'all_assistant' else answers[-1:]
+        assert [tok.decode(r) for r in runs(ex['labels'])] == [a + '<|im_end|>' for a in want]
+        # evaluation reads the history, the first answer included, and generates the last answer
+        last = runs(ex['labels'])[-1]
+        assert prompt_ids(rec, tok, 'chat') == ex['input_ids'][:len(ex['input_ids']) - len(last)]
+        assert reference_answer(rec) == answers[-1]
+
+
+def test_support_chat_file_checks_clean(tok):
+    rep = validate_records(ROOT/'data'/'support_chat_train.jsonl', tok)
+    assert rep.ok and rep.format == 'conversations' and not rep.truncated
+
+
+def test_support_chat_is_scored_field_by_field(support_chat):
+    from lora_nb.infer import score_responses
+    recs = list(support_chat[:2])
+    m = score_responses([reference_answer(recs[0]) + '<|im_end|>', '{"intent":"x"}'], recs, task='support_chat')
+    assert m == dict(n=2, json_valid=1.0, intent=0.5, order_id=0.5, urgent=0.5, exact_match=0.5)

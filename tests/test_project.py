@@ -92,3 +92,11 @@ def test_imports_flow_in_chapter_order():
     late = [f"{m} (chapter {chapters[m]}) imports {d} (chapter {chapters[d]})"
             for m in MODULES for d in sorted(_package_imports(m)) if chapters[d] >= chapters[m] and d != m]
     assert not late, late
+
+
+def test_llama_cpp_extra_pins_the_converters_release():
+    "The [llamacpp] extra builds the same llama-cpp-python release whose converters lora_nb.deploy fetches"
+    import tomllib
+    from lora_nb.deploy import LLAMA_CPP_PYTHON
+    extra = tomllib.loads((ROOT/'pyproject.toml').read_text())['project']['optional-dependencies']['llamacpp']
+    assert extra == [f'llama-cpp-python=={LLAMA_CPP_PYTHON}'], extra

@@ -1,0 +1,138 @@
+"""llama.cpp's own tools on every family and on SmolLM2 (`make test-llamacpp`; needs the [llamacpp] extra).
+
+Per family (its tiny random model, logits made peaked so that greedy choices are not near-ties): llama.cpp's
+`convert_hf_to_gguf.py` writes it, llama.cpp tokenizes as transformers does, its f32 logits equal transformers'
+within 1e-3 of their largest magnitude and its greedy tokens are the same; at Q8_0 the top-1 token agrees at >= 95% of positions; Q4_K_M
+from llama.cpp's quantizer loads and runs. A family whose tiny model the converter refuses is refused with the
+converter's own reason; Gemma 3 with a layer pattern llama.cpp would run wrongly is refused by lora_nb. On SmolLM2: chapter 13's writer and the converter write the same tensors and key metadata,
+and a ticket adapter applied as a GGUF LoRA to the base GGUF answers like the merged GGUF.
+"""
+import numpy as np
+import pytest
+import torch
+
+from conftest import require
+from lora_nb.adapters import merge_adapter
+from lora_nb.config import data_path, load_config
+from lora_nb.data import build_prompt, read_records
+from lora_nb.deploy import (convert_hf, convert_lora, export_model, gguf_differences, llama_cpp_generate, llama_cpp_logits,
+                            llama_cpp_status, llama_cpp_tokenize, transformers_greedy_ids)
+from lora_nb.export import ExportError, export_gguf, gguf_metadata
+from lora_nb.tasks import first_json_object
+from lora_nb.models import FAMILY_CONFIGS, load_base, resolve_model, tiny_family_config
+from transformers import AutoModelForCausalLM
+
+FAMILIES = list(FAMILY_CONFIGS)
+name_of = lambda family: 'tiny' if family == 'llama' else f'tiny-{family}'
+# Tiny models borrow SmolLM2's byte-level BPE tokenizer. Real Gemma 2 and Phi-3 checkpoints ship a SentencePiece
+# tokenizer.model, which is what llama.cpp's converter reads for them; transformers reloads SmolLM2's vocabulary
+# under a qwen2 model type with Qwen2's pre-tokenizer, a combination no real checkpoint has and the converter
+# (which recognises tokenizers by a hash of their behaviour) does not know.
+REFUSED = {'gemma2': 'tokenizer.model', 'phi3': 'tokenizer.model', 'qwen2': 'pre-tokenizer was not recognized'}
+CFG = load_config(profile='fast')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def llama_cpp():
+    require(llama_cpp_status() is None, f"{llama_cpp_status()} (make install builds it)")
+
+
+@pytest.fixture(scope='module')
+def prompts():
+    recs = read_records(data_path(CFG.data.test_file))[:4]
+    return [build_prompt(r, CFG.data.template, None) for r in recs]
+
+
+def peaked(family, folder):
+    "A copy of the family's tiny model whose final norm is scaled up 30x, so its next-token choices are clear"
+    model, tok = load_base(name_of(family), training=False)
+    if family == 'gemma3':  # the tiny model alternates sliding/full layers; llama.cpp runs Gemma 3's own 5:1 pattern
+        with pytest.raises(ExportError, match=r"layer_types\[1\] is 'full_attention'"): convert_hf(resolve_model('tiny-gemma3'), folder/'x.gguf')
+        real = AutoModelForCausalLM.from_config(tiny_family_config('gemma3', layer_types=['sliding_attention'] * 2), dtype=torch.float32)
+        real.load_state_dict(model.state_dict()); model = real
+    with torch.no_grad():
+        w = model.model.norm.weight
+        if family.startswith('gemma'): w.copy_((1 + w) * 30 - 1)  # Gemma's RMSNorm multiplies by (1 + weight)
+        else: w.mul_(30)
+    model.save_pretrained(folder); tok.save_pretrained(folder)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_family_through_llama_cpp(family, prompts, tmp_path):
+    model, tok = peaked(family, tmp_path/'model')
+    if family in REFUSED:
+        with pytest.raises(ExportError, match=REFUSED[family]): convert_hf(tmp_path/'model', tmp_path/'f32.gguf')
+        assert not list(tmp_path.glob('f32.gguf*'))
+        return
+    f32 = convert_hf(tmp_path/'model', tmp_path/'f32.gguf', 'f32')
+    assert llama_cpp_tokenize(f32, prompts) == [tok(p, add_special_tokens=False)['input_ids'] for p in prompts]
+    want = []
+    for p, lg in zip(prompts, llama_cpp_logits(f32, prompts)):
+        with torch.no_grad(): ref = model(**tok(p, return_tensors='pt', add_special_tokens=False)).logits[0].numpy()
+        np.testing.assert_allclose(lg, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)  # f32 sums in another order
+        want.append(ref.argmax(-1))
+    assert llama_cpp_generate(f32, prompts, 16) == transformers_greedy_ids(model, tok, prompts, 16)
+    q8 = convert_hf(tmp_path/'model', tmp_path/'q8_0.gguf', 'q8_0')
+    agree = np.concatenate([lg.argmax(-1) == w for lg, w in zip(llama_cpp_logits(q8, prompts), want)])
+    assert agree.mean() >= 0.95, (family, agree.mean())
+    q4 = export_model(tmp_path/'model', tmp_path/'q4_k_m.gguf', 'q4_k_m')
+    assert gguf_metadata(q4)['general.file_type'] == 15 and q4.stat().st_size < f32.stat().st_size
+    assert len(llama_cpp_generate(q4, prompts[:1], 8)[0]) > 0
+
+
+# ---- SmolLM2 ----
+
+@pytest.fixture(scope='module')
+def smollm2():
+    return resolve_model('smollm2-135m')
+
+
+def test_teaching_writer_equals_the_converter_on_smollm2(smollm2, tmp_path):
+    ours = export_gguf(smollm2, tmp_path/'ours.gguf', 'f32')
+    theirs = convert_hf(smollm2, tmp_path/'theirs.gguf', 'f32')
+    d = gguf_differences(ours, theirs)
+    assert d['tensors'] == {} and d['max_abs_difference'] == 0.0, d['tensors']
+    cosmetic = {k for k in d['metadata'] if k.startswith('general.') and k not in ('general.architecture', 'general.type', 'general.file_type')}
+    explained = {'tokenizer.ggml.pre', 'tokenizer.ggml.eot_token_id', 'tokenizer.ggml.add_eos_token'}
+    assert set(d['metadata']) <= cosmetic | explained, set(d['metadata']) - cosmetic - explained
+    assert d['metadata']['tokenizer.ggml.pre'] == ('gpt-2', 'smollm')
+    probe = ["Order #58392 cost 12,50 € 😀", "<|im_start|>user\nHi  there\t!<|im_end|>\n"]
+    assert llama_cpp_tokenize(ours, probe) == llama_cpp_tokenize(theirs, probe)
+
+
+@pytest.fixture(scope='module')
+def ticket_adapter(tmp_path_factory):
+    "A SmolLM2 ticket adapter: a short real run (the default settings, 30 steps), merged"
+    from lora_nb.train import train
+    out = tmp_path_factory.mktemp('smollm2-ticket')
+    cfg = load_config(profile='', overrides=['train.max_steps=30', 'train.eval_steps=1000', 'train.save_steps=1000',
+                                             f'train.output_dir={out}'])
+    run = train(cfg, name='ticket')
+    merge_adapter(run/'adapter', out/'merged')
+    return cfg, run/'adapter', out/'merged'
+
+
+def test_smollm2_adapter_as_gguf_lora_answers_like_the_merged_gguf(smollm2, ticket_adapter, tmp_path):
+    cfg, adapter, merged = ticket_adapter
+    _, tok = load_base(str(merged), training=False)
+    recs = read_records(data_path(cfg.data.test_file))[:8]
+    prompts = [build_prompt(r, cfg.data.template, tok) for r in recs]
+    merged_f32 = export_model(merged, tmp_path/'merged-f32.gguf', 'f32')
+    base_f32 = export_model(smollm2, tmp_path/'base-f32.gguf', 'f32')
+    lora = convert_lora(adapter, tmp_path/'adapter.gguf')
+    want = llama_cpp_generate(merged_f32, prompts, cfg.eval.max_new_tokens)
+    assert llama_cpp_generate(base_f32, prompts, cfg.eval.max_new_tokens, lora=lora) == want
+    assert sum(first_json_object(tok.decode(w)) is not None for w in want) >= 6  # it learned the task's shape (zero-shot: rarely JSON)
+
+
+def test_export_q4_k_m_from_the_command_line(ticket_adapter, tmp_path):
+    from test_cli import run
+    _, _, merged = ticket_adapter
+    code, out, err = run('export', '--model', merged, '--output', tmp_path/'ticket-q4_k_m.gguf', '--dtype', 'q4_k_m', '--ollama')
+    assert code == 0 and err == '', err[-3000:]
+    assert gguf_metadata(tmp_path/'ticket-q4_k_m.gguf')['general.file_type'] == 15
+    assert 'FROM ./ticket-q4_k_m.gguf' in (tmp_path/'Modelfile').read_text()
+    code, out, err = run('export', '--model', resolve_model('tiny-qwen3'), '--output', tmp_path/'qwen3.gguf', '--dtype', 'q4_k_m')
+    assert code == 0 and err == '', err[-3000:]
+    assert gguf_metadata(tmp_path/'qwen3.gguf')['general.architecture'] == 'qwen3'
