@@ -20,6 +20,10 @@ LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{
           "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
           "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Phi-3 style: an EOS closes a chat only when no reply is asked for (render_chat leaves it out: it belongs to no turn)
+PHI3 = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+PHI3_TOKENS = ['<|system|>', '<|user|>', '<|assistant|>', '<|end|>']
 LLAMA3_TOKENS = ['<|begin_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>']
 
 
@@ -44,11 +48,12 @@ def tok():
 
 @pytest.fixture(scope='module')
 def templates(tok):
-    "name -> (tokenizer, its end-of-turn token): SmolLM2's own template, ChatML (OpenHermes), Llama 3"
+    "name -> (tokenizer, its end-of-turn token): SmolLM2's own template, ChatML (OpenHermes), Llama 3, Phi-3 (a closing EOS)"
     chatml = copy.deepcopy(tok); chatml.chat_template = CHATML
     llama3 = copy.deepcopy(tok); llama3.add_tokens(LLAMA3_TOKENS, special_tokens=True)
     llama3.chat_template, llama3.bos_token = LLAMA3, '<|begin_of_text|>'
-    return {'smollm2': (tok, '<|im_end|>'), 'chatml': (chatml, '<|im_end|>'), 'llama3': (llama3, '<|eot_id|>')}
+    phi3 = copy.deepcopy(tok); phi3.add_tokens(PHI3_TOKENS, special_tokens=True); phi3.chat_template = PHI3
+    return {'smollm2': (tok, '<|im_end|>'), 'chatml': (chatml, '<|im_end|>'), 'llama3': (llama3, '<|eot_id|>'), 'phi3': (phi3, '<|end|>')}
 
 
 def runs(labels):
@@ -140,9 +145,9 @@ def test_conversations_without_assistant_and_duplicates_are_errors(tok):
         "<list>, record 2: no assistant turn: nothing to learn", "<list>, record 3: duplicate of record 1"]
 
 
-# --- the mask, proved on three templates ----------------------------------------------------------------------------
+# --- the mask, proved on four templates ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('name', ['smollm2', 'chatml', 'llama3'])
+@pytest.mark.parametrize('name', ['smollm2', 'chatml', 'llama3', 'phi3'])
 @pytest.mark.parametrize('conv', range(len(CONVERSATIONS)))
 @pytest.mark.parametrize('train_on', ['all_assistant', 'last_assistant'])
 def test_learned_tokens_are_each_assistant_turn_and_its_end(templates, name, conv, train_on):
@@ -161,7 +166,7 @@ def test_learned_tokens_are_each_assistant_turn_and_its_end(templates, name, con
     assert all(m['content'] in masked for m in messages if m['role'] != 'assistant')
 
 
-@pytest.mark.parametrize('name', ['smollm2', 'chatml', 'llama3'])
+@pytest.mark.parametrize('name', ['smollm2', 'chatml', 'llama3', 'phi3'])
 def test_inference_prompt_ids_equal_training_ids_up_to_the_first_learned_token(templates, name):
     t, _ = templates[name]
     for messages in CONVERSATIONS:

@@ -20,15 +20,17 @@ from lora_nb.deploy import (convert_hf, convert_lora, export_model, gguf_differe
 from lora_nb.export import ExportError, export_gguf, gguf_metadata
 from lora_nb.tasks import first_json_object
 from lora_nb.models import FAMILY_CONFIGS, load_base, resolve_model, tiny_family_config
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 FAMILIES = list(FAMILY_CONFIGS)
 name_of = lambda family: 'tiny' if family == 'llama' else f'tiny-{family}'
-# Tiny models borrow SmolLM2's byte-level BPE tokenizer. Real Gemma 2 and Phi-3 checkpoints ship a SentencePiece
-# tokenizer.model, which is what llama.cpp's converter reads for them; transformers reloads SmolLM2's vocabulary
-# under a qwen2 model type with Qwen2's pre-tokenizer, a combination no real checkpoint has and the converter
-# (which recognises tokenizers by a hash of their behaviour) does not know.
-REFUSED = {'gemma2': 'tokenizer.model', 'phi3': 'tokenizer.model', 'qwen2': 'pre-tokenizer was not recognized'}
+# Tiny models borrow SmolLM2's byte-level BPE tokenizer. llama.cpp's converter reads Gemma 2's and Phi-3's
+# SentencePiece tokenizer.model, which real checkpoints ship: their tiny models here get one, trained offline in a
+# second on ticket texts (with Phi-3's chat tokens, which llama.cpp looks up by name). transformers reloads SmolLM2's
+# vocabulary under a qwen2 model type with Qwen2's pre-tokenizer, a combination no real checkpoint has and the
+# converter (which recognises tokenizers by a hash of their behaviour) does not know: refused, with its reason.
+SENTENCEPIECE = {'gemma2', 'phi3'}
+REFUSED = {'qwen2': 'pre-tokenizer was not recognized'}
 CFG = load_config(profile='fast')
 
 
@@ -43,9 +45,33 @@ def prompts():
     return [build_prompt(r, CFG.data.template, None) for r in recs]
 
 
-def peaked(family, folder):
+@pytest.fixture(scope='module')
+def sentencepiece_model():
+    "A 512-piece SentencePiece BPE model (byte fallback) trained on ticket texts, as bytes"
+    import io
+    import sentencepiece as spm
+    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in read_records(data_path(CFG.data.train_file))[:400]]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=512, model_type='bpe', byte_fallback=True,
+                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
+                                   user_defined_symbols=['<|endoftext|>', '<|assistant|>', '<|system|>', '<|end|>', '<|user|>'],
+                                   normalization_rule_name='identity', remove_extra_whitespaces=False)  # as Llama/Gemma/Phi-3 ship theirs
+    return buf.getvalue()
+
+
+def sentencepiece_family(family, folder, spm_bytes):
+    "A seeded random two-layer model of `family` (512-token vocabulary) and a tokenizer from `spm_bytes`, saved in `folder`"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_family_config(family, vocab_size=512), dtype=torch.float32, attn_implementation='eager')
+    model.save_pretrained(folder)
+    (folder/'tokenizer.model').write_bytes(spm_bytes)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def peaked(family, folder, spm_bytes):
     "A copy of the family's tiny model whose final norm is scaled up 30x, so its next-token choices are clear"
-    model, tok = load_base(name_of(family), training=False)
+    if family in SENTENCEPIECE: model, tok = sentencepiece_family(family, folder, spm_bytes)
+    else: model, tok = load_base(name_of(family), training=False)
     if family == 'gemma3':  # the tiny model alternates sliding/full layers; llama.cpp runs Gemma 3's own 5:1 pattern
         with pytest.raises(ExportError, match=r"layer_types\[1\] is 'full_attention'"): convert_hf(resolve_model('tiny-gemma3'), folder/'x.gguf')
         real = AutoModelForCausalLM.from_config(tiny_family_config('gemma3', layer_types=['sliding_attention'] * 2), dtype=torch.float32)
@@ -59,8 +85,8 @@ def peaked(family, folder):
 
 
 @pytest.mark.parametrize('family', FAMILIES)
-def test_family_through_llama_cpp(family, prompts, tmp_path):
-    model, tok = peaked(family, tmp_path/'model')
+def test_family_through_llama_cpp(family, prompts, sentencepiece_model, tmp_path):
+    model, tok = peaked(family, tmp_path/'model', sentencepiece_model)
     if family in REFUSED:
         with pytest.raises(ExportError, match=REFUSED[family]): convert_hf(tmp_path/'model', tmp_path/'f32.gguf')
         assert not list(tmp_path.glob('f32.gguf*'))
