@@ -354,6 +354,7 @@ def _skeleton(model_dir, name:str):
 
 def gguf_lora_inputs(adapter_dir, base:str|None=None) -> tuple[dict, dict, Path]:
     "(adapter config, weights, base folder) of an adapter checked for GGUF LoRA export: llama.cpp can apply it, and it fits its base"
+    check_gguf_lora(adapter_dir)  # the config's refusals before the weights are read
     weights = read_adapter_weights(adapter_dir)
     a = check_gguf_lora(adapter_dir, weights)
     base_dir = resolve_model(base or base_model_name(adapter_dir))

@@ -261,7 +261,7 @@ def test_chat_modelfile_refusals(stand_in, tmp_path):
     history = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}{% if not loop.last %}{{ '<|im_end|>\n' }}{% endif %}"
                "{% endfor %}")
     for template, why in ((numbered, 'chat_template: '),
-                          (history, 'neither without one nor with a fixed default one'), (None, 'a chat template; this one has none')):
+                          (history, 'a one-message chat does not end with its user turn'), (None, 'a chat template; this one has none')):
         with pytest.raises(ExportError, match=why): write_modelfile(tmp_path/'m.gguf', _with_template(stand_in[1], template), chat)
     assert not (tmp_path/'Modelfile').exists()
 
@@ -283,7 +283,10 @@ def test_go_template_subset():
     assert render_go_template(tpl, Messages=[]) == 'empty>'
     assert ollama_values([dict(role='user', content='a'), dict(role='user', content='b')], 'sys') == dict(
         System='sys', Messages=[dict(role='system', content='sys'), dict(role='user', content='a\n\nb')])
-    for bad in ('{{ if .System }}x', '{{ end }}', '{{- .System }}', '{{ $.System }}', '{{ .System | html }}'):
+    assert render_go_template('{{ range $i, $m := .Messages }}{{ if eq .Role "user" }}{{ if and $.System (eq $i 1) }}[{{ $.System }}]{{ end }}'
+                              '{{ $m.Content }}{{ end }}{{ end }}',
+                              **ollama_values(msgs[1:2], 'sys')) == '[sys]a'  # variables, $ and and/eq, as a folded system message needs
+    for bad in ('{{ if .System }}x', '{{ end }}', '{{- .System }}', '{{ $x := .System }}', '{{ .System | html }}', '{{ $nope }}'):
         with pytest.raises(ValueError): render_go_template(bad, System='x')
 
 
