@@ -23,7 +23,7 @@ __all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'MERGE_TOLERANCE', 'MERGE_RTOL',
 # %% ../nbs/12_adapters.ipynb #c004
 import torch
 from .core import LoraNbError, atomic_write_text, build_atomically, torch_dtype
-from .config import Config, ConfigError, data_path
+from .config import Config, ConfigError, data_path, task_files
 from .tasks import TASKS, task_splits
 from .data import build_prompt, read_records, reference_answer
 from .models import BUILTIN_MODELS, load_base, resolve_model
@@ -33,7 +33,7 @@ from .infer import evaluate, generate_responses, load_inference_base
 def task_overrides(task:str) -> list[str]:
     "The `[data]` overrides (`section.key=value`) that point a run at the shipped task `task`"
     if task not in TASKS: raise ValueError(f"unknown task {task!r}; shipped tasks: {', '.join(TASKS)}")
-    return [f'data.task={task}', *(f'data.{split}_file=data/{task}_{split}.jsonl' for split in ('train', 'val', 'test'))]
+    return [f'data.task={task}', *(f'data.{k}={f}' for k, f in task_files(task).items())]
 
 # %% ../nbs/12_adapters.ipynb #c014
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'

@@ -21,7 +21,7 @@ __all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES
 # %% ../nbs/15_performance.ipynb #c004
 from .core import atomic_write_text, cpu_flags, cpu_name, machine_info, pick_device, release_free_memory, run_fresh, torch_dtype
 from .config import data_path, load_config
-from .data import read_records, build_prompt, tokenize_example, collate_padded, collate_padding_free, collator_for, length_grouped_batches
+from .data import read_records, build_prompt, tokenize_example, tokenize_records, collate_padded, collate_padding_free, collator_for, length_grouped_batches
 from .models import load_base, load_base_from, attach_lora, attach_lora_from, load_tokenizer, packed_sdpa_attention
 from .memory import _reset_rss_peak, model_shape
 from .train import LoraTrainer, answer_loss, training_args
@@ -166,12 +166,14 @@ def trl_trainer(model, tok, records, cfg, out_dir):
 def lora_nb_trainer(model, tok, records, cfg, out_dir):
     "lora_nb's training path: `LoraTrainer` with `training_args(cfg)` and the collator `[data] batching` names"
     args = training_args(cfg, Path(out_dir)); args.disable_tqdm = True
-    ex = [tokenize_example(r, tok, cfg.data.template, cfg.data.max_length) for r in records]
+    d = cfg.data
+    ex = [tokenize_example(r, tok, d.template, d.max_length, d.format, d.train_on) for r in records]
     return LoraTrainer(model=model, args=args, train_dataset=ex, data_collator=collator_for(cfg.data.batching, tok))
 
-RECIPE_TRAINERS = {'seed': seed_recipe_trainer, 'trl': trl_trainer, 'lora_nb': lora_nb_trainer,
+RECIPE_TRAINERS = {'seed': seed_recipe_trainer, 'trl': trl_trainer, 'lora_nb': lora_nb_trainer, 'lora_nb_chat': lora_nb_trainer,
                    'lora_fp32': lora_nb_trainer, 'qlora': lora_nb_trainer, 'qlora_no_gc': lora_nb_trainer}
 RECIPE_TITLES = {'seed': "older guides' recipe", 'trl': 'TRL SFTTrainer defaults', 'lora_nb': 'lora_nb default',
+                 'lora_nb_chat': 'lora_nb default, conversations',
                  'lora_fp32': 'lora_nb, fp32 base weights', 'qlora': 'QLoRA: 4-bit base + checkpointing',
                  'qlora_no_gc': 'QLoRA without checkpointing'}
 # what a recipe changes in the settings, on top of the bench's own: the older recipe and TRL load the base in fp32,
@@ -179,6 +181,7 @@ RECIPE_TITLES = {'seed': "older guides' recipe", 'trl': 'TRL SFTTrainer defaults
 # with). QLoRA as its paper and PEFT's k-bit preparation run it: 4-bit NF4 base and gradient checkpointing; and
 # the 4-bit base alone, to show what each of the two saves.
 RECIPE_OVERRIDES = {'seed': ['model.dtype=float32'], 'trl': ['model.dtype=float32'], 'lora_fp32': ['model.dtype=float32'],
+                    'lora_nb_chat': ['data.task=support_chat'],
                     'qlora': ['quant.load_in_4bit=true', 'model.gradient_checkpointing=true'],
                     'qlora_no_gc': ['quant.load_in_4bit=true']}
 
@@ -205,8 +208,8 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
     dev = pick_device(cfg.model.device)
     tok = load_tokenizer(model)
     train_recs = read_records(data_path(cfg.data.train_file))[:steps * batch_size]
-    val_ex = [tokenize_example(r, tok, cfg.data.template, cfg.data.max_length)
-              for r in read_records(data_path(cfg.data.val_file))[:examples]]
+    val_ex = tokenize_records(read_records(data_path(cfg.data.val_file))[:examples], tok, cfg.data.template, cfg.data.max_length,
+                              cfg.data.format, cfg.data.train_on)
     gc.collect()
     baseline = 0 if dev == 'cuda' else _proc_status_bytes('VmRSS')
     m, tok = load_base_from(cfg)
@@ -242,7 +245,7 @@ def _run_recipe_here(recipe:str, model:str, steps:int, examples:int, batch_size:
                 attn_implementation=m.config._attn_implementation)
 
 # %% ../nbs/15_performance.ipynb #c043
-def measure_recipe(recipe:str, # one of `RECIPE_TRAINERS`: 'seed', 'trl', 'lora_nb', 'lora_fp32', 'qlora', 'qlora_no_gc'
+def measure_recipe(recipe:str, # one of `RECIPE_TRAINERS`: 'seed', 'trl', 'lora_nb', 'lora_nb_chat', 'lora_fp32', 'qlora', 'qlora_no_gc'
                    model:str='smollm2-135m', steps:int=6, examples:int=64, batch_size:int=4,
                    warmup:int=2, overrides=(), timeout:float=3600) -> dict:
     "Train and measure one recipe in a fresh Python process"
@@ -439,7 +442,8 @@ def summarize_bench(results:dict, peaks:dict,
              qlora_to_lora_weights=_ratio(get('qlora', 'weight_bytes'), get(fp32, 'weight_bytes')),
              qlora_to_bf16_lora_memory=_ratio(get('qlora', 'memory_bytes'), get('lora_nb', 'memory_bytes')),
              bf16_to_fp32_lora_memory=_ratio(get('lora_nb', 'memory_bytes'), get('lora_fp32', 'memory_bytes')),
-             qlora_no_gc_to_lora_memory=_ratio(get('qlora_no_gc', 'memory_bytes'), get(fp32, 'memory_bytes')))
+             qlora_no_gc_to_lora_memory=_ratio(get('qlora_no_gc', 'memory_bytes'), get(fp32, 'memory_bytes')),
+             chat_to_instruction_tokens_per_sec=_ratio(get('lora_nb_chat', 'tokens_per_sec'), get('lora_nb', 'tokens_per_sec')))
     if ours:
         precision = 'bf16' if ours['settings']['bf16'] else 'fp32'
         frac = ours['supervised_per_step'] / ours['tokens_per_step']
@@ -494,6 +498,8 @@ def format_bench(s:dict) -> str:
     lines += ['', f"lora_nb vs older recipe: {f(s['speedup_vs_seed_recipe'], '.1f')}x tokens/s; vs TRL defaults: {f(s['speedup_vs_trl_default'], '.2f')}x",
               f"per CPU-second: {f(s['speedup_vs_seed_recipe_cpu'], '.1f')}x and {f(s['speedup_vs_trl_default_cpu'], '.2f')}x",
               f"matmul peak: fp32 {s['matmul_gflops']['fp32']:.0f} GFLOP/s, bf16 {s['matmul_gflops']['bf16']:.0f} GFLOP/s", *_roofline_lines(s)]
+    if s.get('chat_to_instruction_tokens_per_sec') is not None:
+        lines.append(f"conversations / instructions, lora_nb's path: {s['chat_to_instruction_tokens_per_sec']:.2f}x tokens/s")
     if s['qlora_to_lora_memory'] is not None:
         lines.append(f"QLoRA / fp32 LoRA: peak memory {s['qlora_to_lora_memory']:.0%}, weights {s['qlora_to_lora_weights']:.0%}")
     if s.get('qlora_no_gc_to_lora_memory') is not None:
@@ -524,13 +530,15 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
               examples:int=64, # validation examples for the eval loss
               batch_size:int|None=None, # examples per step; None: settings.ini's [train] batch_size, as lora_nb trains
               warmup:int=2,
-              recipes=tuple(RECIPE_TRAINERS), # any of 'seed', 'trl', 'lora_nb', 'lora_fp32', 'qlora', 'qlora_no_gc'
+              recipes=tuple(RECIPE_TRAINERS), # any of 'seed', 'trl', 'lora_nb', 'lora_nb_chat', 'lora_fp32', 'qlora', 'qlora_no_gc'
               overrides=(), # settings for every recipe, e.g. ['train.threads=1']
               save:str|None=None, # also write the summary as JSON to this file
               profile:bool=False, # also profile lora_nb's step and time its matmuls at their own shapes (the second roofline)
               out=print) -> dict:
     "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
     import peft, trl  # heavy: see the imports
+    if unknown := [r for r in recipes if r not in RECIPE_TRAINERS]:
+        raise ValueError(f"recipe(s) {', '.join(map(repr, unknown))}: use {', '.join(RECIPE_TRAINERS)}")
     batch_size = batch_size or load_config(overrides=overrides).train.batch_size
     cfg = bench_config(model, steps, batch_size, overrides)
     dev, threads = pick_device(cfg.model.device), cfg.train.threads or torch.get_num_threads()

@@ -235,8 +235,9 @@ def add_doctor(sub):
 def cmd_bench(args):
     "Time the older guides' recipe, TRL's defaults and lora_nb's path on the same data; the last line is JSON"
     from lora_nb.bench import run_bench  # torch: imported on use
+    recipes = dict(recipes=tuple(r.strip() for r in args.recipes.split(','))) if args.recipes else {}
     run_bench(model=args.model, steps=args.steps, examples=args.examples, batch_size=args.batch_size, save=args.output,
-              profile=args.profile)
+              profile=args.profile, **recipes)
 
 def add_bench(sub):
     "The arguments of `lora-nb bench`"
@@ -246,6 +247,7 @@ def add_bench(sub):
     p.add_argument('--examples', type=int, default=64, help='validation examples for the eval loss')
     p.add_argument('--batch-size', type=int, default=None, help='examples per step (default: settings.ini [train] batch_size)')
     p.add_argument('--output', help='also write the figures as JSON here')
+    p.add_argument('--recipes', help='a comma-separated subset of the recipes, e.g. lora_nb,lora_nb_chat (default: all)')
     p.add_argument('--profile', action='store_true',
                    help="also profile lora_nb's training step and time its matmuls at their own shapes (a second roofline)")
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from .core import LoraNbError, atomic_write_text
 
 # %% auto #0
-__all__ = ['CONVERTER_TYPES', 'QUANT_TYPES', 'SECTIONS', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg', 'EvalCfg',
-           'ExportCfg', 'Config', 'ConfigError', 'parse_value', 'read_settings', 'read_profile', 'parse_override',
-           'find_settings', 'project_root', 'load_config', 'config_to_ini', 'save_config', 'overrides_of', 'data_path',
-           'run_folder', 'run_config']
+__all__ = ['CONVERTER_TYPES', 'QUANT_TYPES', 'SECTIONS', 'SPLITS', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg',
+           'EvalCfg', 'ExportCfg', 'Config', 'ConfigError', 'parse_value', 'read_settings', 'read_profile',
+           'parse_override', 'find_settings', 'project_root', 'task_files', 'load_config', 'config_to_ini',
+           'save_config', 'overrides_of', 'data_path', 'run_folder', 'run_config']
 
 # %% ../nbs/02_config.ipynb #c008
 def _opt(*choices, check=None, why=''):
@@ -241,6 +241,20 @@ def _build(flat:dict, sources) -> Config:
     return Config(**secs, sources=list(sources))
 
 # %% ../nbs/02_config.ipynb #c024
+SPLITS = ('train', 'val', 'test')
+
+def task_files(task:str) -> dict:
+    "A shipped task's data files, as `[data]` keys: `data/<task>_<split>.jsonl`"
+    return {f'{split}_file': f'data/{task}_{split}.jsonl' for split in SPLITS}
+
+def _follow_task(flat:dict, keys:list):
+    "`--set data.task=T` alone (no file set with it) points the three files at T's shipped files, when T ships some"
+    if ('data', 'task') not in keys or any(('data', k) in keys for k in task_files('')): return
+    raw, src = flat[('data', 'task')]
+    files = task_files(raw.strip())
+    if all((project_root()/f).exists() for f in files.values()):
+        flat.update({('data', k): (f, src) for k, f in files.items()})
+
 def load_config(path=None, overrides=(), profile:str|None=None) -> Config:
     "Project settings.ini, then the user file `path`, then a profile (default: $LORA_NB_PROFILE), then `overrides`"
     base = find_settings()
@@ -252,6 +266,7 @@ def load_config(path=None, overrides=(), profile:str|None=None) -> Config:
         flat.update(read_profile(base, profile)); sources.append(f'profile:{profile}')
     for o in overrides:
         k, v = parse_override(o); flat[k] = v; sources.append(f'--set {o}')
+    _follow_task(flat, [parse_override(o)[0] for o in overrides])
     return _build(flat, sources)
 
 # %% ../nbs/02_config.ipynb #c034

@@ -10,8 +10,10 @@ import dataclasses, gc, json, os, time
 from pathlib import Path
 from .core import atomic_write_text, cpu_name, cpu_flags, resolve_dtype
 from .config import Config, data_path, load_config
-from .data import read_records, record_format, reference_answer, to_messages
-from .infer import evaluate, extract_response, generate_responses, metrics_table
+from .data import collate_padded, read_records, record_format, reference_answer, to_messages
+from .infer import evaluate, extract_response, generate_responses, generate_token_ids, metrics_table, score_responses, stop_token_ids
+from .doctor import check_batches, check_train_on
+from .models import load_tokenizer
 from .adapters import load_for_inference
 from .train import train
 from .scaling import launch_training
@@ -19,7 +21,8 @@ import peft, torch, transformers
 
 # %% auto #0
 __all__ = ['sample_answers', 'machine_facts', 'run_demo', 'checkpoint_adapters', 'exact_match_by_step', 'save_steps_record',
-           'template_mismatch', 'save_mismatch_record']
+           'template_mismatch', 'save_mismatch_record', 'eos_masking_collator', 'answer_lengths', 'pitfall_runs',
+           'save_pitfall_record']
 
 # %% ../nbs/17_demo.ipynb #c006
 def _last_message(record:dict) -> str:
@@ -128,5 +131,57 @@ def save_mismatch_record(record_path, n:int=100, cfg:Config|None=None) -> dict:
     cfg = cfg or load_config(data_path('configs/support_chat.ini'))
     model, tok = load_for_inference(adapter=Path(record['run'])/'adapter', cfg=cfg)
     record['template_mismatch'] = dict(n=n, exact_match=template_mismatch(model, tok, read_records(data_path(cfg.data.test_file))[:n], cfg))
+    atomic_write_text(Path(record_path), json.dumps(record, indent=1))
+    return record
+
+# %% ../nbs/17_demo.ipynb #c041
+def eos_masking_collator(tok):
+    "The pad = EOS trap: lora_nb's padded batches, then the labels masked wherever the input is the pad token"
+    def collate(examples):
+        batch = collate_padded(examples, tok.pad_token_id)
+        batch['labels'][batch['input_ids'] == tok.pad_token_id] = -100
+        return batch
+    return collate
+
+# %% ../nbs/17_demo.ipynb #c044
+def answer_lengths(model, tok, records, cfg:Config, max_new_tokens:int=128) -> dict:
+    "Mean generated length (tokens) of the last answers, the share that stopped by themselves, the reference length, exact match"
+    rows = generate_token_ids(model, tok, records, cfg.data.template, max_new_tokens, cfg.eval.batch_size)
+    stops = stop_token_ids(tok)
+    stopped = [bool(r) and r[-1] in stops for r in rows]
+    texts = [tok.decode(r[:-1] if s else r, skip_special_tokens=True) for r, s in zip(rows, stopped)]
+    ref = [len(tok(reference_answer(r), add_special_tokens=False)['input_ids']) + 1 for r in records]  # + its end of turn
+    return dict(n=len(records), mean_tokens=round(sum(map(len, rows)) / len(rows), 1), stopped=sum(stopped) / len(rows),
+                reference_mean_tokens=round(sum(ref) / len(ref), 1), max_new_tokens=max_new_tokens,
+                exact_match=score_responses(texts, records, cfg.data.task)['exact_match'])
+
+# %% ../nbs/17_demo.ipynb #c048
+def _measure_adapter(adapter, records, cfg:Config) -> dict:
+    "Last answers' lengths and exact match, first answers' exact match, of one adapter"
+    model, tok = load_for_inference(adapter=adapter, cfg=cfg)
+    firsts = [_first_exchange(r)[0] for r in records]
+    out = dict(answer_lengths(model, tok, records, cfg), first_answer_exact_match=evaluate(model, tok, firsts, cfg)['exact_match'])
+    del model; gc.collect()
+    return out
+
+def pitfall_runs(cfg:Config, adapter, n:int=100, prefix:str='pitfall') -> dict:
+    "Train the pad = EOS and last-turn-only traps of `cfg`; measure them beside `adapter` (trained with `cfg`) on `n` test chats"
+    records, tok = read_records(data_path(cfg.data.test_file))[:n], load_tokenizer(cfg.model.name)
+    train_recs = read_records(data_path(cfg.data.train_file))[:200]
+    last = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_on='last_assistant'))
+    doctor = {'pad = EOS': [str(f) for f in check_batches(cfg, tok, train_recs, eos_masking_collator(tok))],
+              'last answer only': [str(f) for f in check_train_on(last, tok, train_recs)]}
+    runs = {'as trained': Path(adapter), 'pad = EOS': train(cfg, name=f'{prefix}-eos', collator=eos_masking_collator(tok), plot=False)/'adapter',
+            'last answer only': train(last, name=f'{prefix}-last', plot=False)/'adapter'}
+    return dict(n=len(records), doctor=doctor, runs={k: _measure_adapter(a, records, cfg) for k, a in runs.items()})
+
+# %% ../nbs/17_demo.ipynb #c051
+def save_pitfall_record(record_path, n:int=100, cfg:Config|None=None) -> dict:
+    "`pitfall_runs` beside the adapter of the demo record at `record_path`, on `n` test chats; added to the record"
+    record = json.loads(Path(record_path).read_text())
+    cfg = cfg or load_config(data_path('configs/support_chat.ini'))
+    t0 = time.time()
+    record['pitfalls'] = dict(pitfall_runs(cfg, Path(record['run'])/'adapter', n), machine=machine_facts())
+    record['pitfalls']['seconds'] = round(time.time() - t0)
     atomic_write_text(Path(record_path), json.dumps(record, indent=1))
     return record

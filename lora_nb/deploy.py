@@ -26,7 +26,7 @@ from .config import CONVERTER_TYPES, QUANT_TYPES, Config, load_config
 from .tasks import TASKS, scorer_for
 from .data import TemplateError, build_prompt, end_of_turn, reference_answer, render_chat
 from .models import load_base
-from .export import ExportError, export_gguf, gguf_lora_inputs, gguf_metadata, peft_scale, read_model_config
+from .export import ExportError, export_gguf, gguf_lora_inputs, gguf_metadata, fold_peft_scale, read_model_config
 
 # %% ../nbs/14_deploy.ipynb #c063
 def llama_cpp_status() -> str|None:
@@ -227,13 +227,8 @@ def compare_quants(model_dir, # a merged model folder
 def _prescaled_copy(adapter_dir, a:dict, weights:dict, dest:Path) -> Path:
     "A copy of an adapter whose B matrices carry PEFT's scale over llama.cpp's alpha/r, so the converter's plain alpha/r is right"
     from safetensors.torch import save_file  # torch-side safetensors: only this path writes tensors
-    out = {}
-    for key, t in weights.items():
-        module, _, part = key.removeprefix('base_model.model.').rpartition('.lora_')
-        r = weights[key.replace('lora_B', 'lora_A')].shape[0] if part == 'B.weight' else None
-        out[key] = t * (peft_scale(a, module, r) / (float(a['lora_alpha']) / r)) if r else t
     dest.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, dest/'adapter_model.safetensors')
+    save_file({k: v.contiguous() for k, v in fold_peft_scale(a, weights).items()}, dest/'adapter_model.safetensors')
     (dest/'adapter_config.json').write_text(json.dumps({**a, 'use_rslora': False, 'alpha_pattern': {}}))
     return dest
 

@@ -11,7 +11,7 @@ import torch
 from .core import DeviceError, machine_info, pick_device, pick_precision, resolve_dtype
 from .config import run_config
 from .lora import lora_scaling
-from .data import collator_for, load_splits, token_stats, tokenize_example, validate_records
+from .data import collator_for, load_splits, record_format, to_messages, token_stats, tokenize_example, validate_records
 from .models import TargetError, attach_lora_from, load_base_from, load_tokenizer, trainable_report
 from .memory import estimate_memory, format_bytes
 from .monitors import ATTENTION_NAMES, SEVERITIES, Finding, check_log_history, has_errors, run_log_history
@@ -20,8 +20,8 @@ from .train import oom_advice
 # %% auto #0
 __all__ = ['SYMPTOMS', 'LR_RANGE', 'SCALING_RANGE', 'PADDING_WASTE_MAX', 'COVERAGE_MIN_EXAMPLES', 'symptoms_for', 'symptom_table',
            'format_findings', 'check_optimization', 'bnb_4bit_problem', 'check_precision', 'check_data',
-           'check_batches', 'adapted_layer_names', 'check_model', 'check_template', 'estimate_for_config',
-           'device_memory', 'check_memory', 'diagnose']
+           'check_train_on', 'check_batches', 'adapted_layer_names', 'check_model', 'check_template',
+           'estimate_for_config', 'device_memory', 'check_memory', 'diagnose']
 
 # %% ../nbs/10_doctor.ipynb #c010
 SYMPTOMS = [
@@ -52,9 +52,10 @@ SYMPTOMS = [
     dict(symptom='Poor generation quality', guide_symptom='Repetitive or off-topic output',
          guide_solution='Check prompt template, adjust temperature',
          causes='EOS masked out of the labels (the model never learns to stop); a template or base model different from '
-                'training; answers cut by max_length',
-         solution='Labels built from lengths, the training template at inference, a max_length that fits the data',
-         checks=('eos-masked', 'prompt-template', 'base-model', 'truncation')),
+                'training; answers cut by max_length; the earlier answers of conversations never trained',
+         solution='Labels built from lengths, the training template at inference, a max_length that fits the data, '
+                  'every assistant turn trained',
+         checks=('eos-masked', 'prompt-template', 'base-model', 'truncation', 'train-on')),
 ]
 
 def symptoms_for(check:str) -> list[str]:
@@ -161,6 +162,21 @@ def check_data(cfg, tokenizer, records) -> list[Finding]:
                            f"{lost:,} of {learned:,} supervised tokens ({lost_share:.1%}), the longest example has {longest} tokens: "
                            "answers lose their end and their EOS", fit(longest)))
     return out
+
+# %% ../nbs/10_doctor.ipynb #c066
+def check_train_on(cfg, tokenizer, records, n:int=200) -> list[Finding]:
+    "With `train_on = last_assistant`: the share of the first `n` conversations' assistant tokens that no loss reaches"
+    d = cfg.data
+    convs = [r for r in records[:n] if record_format(r) == 'conversations']
+    if d.train_on != 'last_assistant' or not convs: return []
+    count = lambda on: sum(sum(l != -100 for l in tokenize_example(r, tokenizer, d.template, d.max_length, 'conversations', on)['labels'])
+                           for r in convs)
+    every, last = count('all_assistant'), count('last_assistant')
+    multi = sum(sum(m['role'] == 'assistant' for m in to_messages(r)) > 1 for r in convs)
+    if not multi or every == last: return []
+    return [Finding('warning', 'train-on', f"train_on=last_assistant: {multi} of {len(convs)} conversations have earlier assistant turns, "
+                    f"and {every - last:,} of {every:,} assistant tokens ({(every - last) / every:.0%}) get no loss: the model is "
+                    "asked for answers it never learned", '--set data.train_on=all_assistant')]
 
 # %% ../nbs/10_doctor.ipynb #c030
 PADDING_WASTE_MAX = 0.25  # share of computed positions that may be padding before it is worth a warning
@@ -295,7 +311,7 @@ def diagnose(cfg, model=None, tokenizer=None, records=None, collator=None, run=N
         try: records = load_splits(cfg.data, splits=('train', 'val'))['train']  # the same files train reads
         except (OSError, ValueError) as e:
             return out + [Finding('error', 'records', f"the training data cannot be read: {e}", 'fix [data] train_file')]
-    out += check_data(cfg, tokenizer, records)
+    out += check_data(cfg, tokenizer, records) + check_train_on(cfg, tokenizer, records)
     if not has_errors([f for f in out if f.check == 'records']):
         out += check_batches(cfg, tokenizer, records, collator, n_batches)
     try: stats = token_stats(records, tokenizer, cfg.data.template, cfg.data.format, cfg.data.train_on)

@@ -15,7 +15,7 @@ __all__ = ['GGUF_DTYPES', 'FILE_TYPES', 'gguf_metadata', 'gguf_tensor_table', 'E
            'llama_hparams', 'permute_qk', 'unpermute_qk', 'checkpoint_index', 'gguf_name', 'llama_gguf_tensors',
            'storage_type', 'pre_tokenizer_name', 'byte_level_vocab', 'sentencepiece_vocab', 'end_of_turn_id',
            'tokenizer_metadata', 'write_gguf', 'export_gguf', 'load_gguf', 'check_gguf_lora', 'peft_scale',
-           'lora_gguf_tensors', 'gguf_lora_inputs', 'export_lora_gguf']
+           'fold_peft_scale', 'lora_gguf_tensors', 'gguf_lora_inputs', 'export_lora_gguf']
 
 # %% ../nbs/13_export.ipynb #c004
 from .core import LoraNbError, atomic_path, quiet_hf_loading
@@ -323,9 +323,21 @@ def peft_scale(a:dict, module:str, r:int) -> float:
     alpha = float(patterns.get(get_pattern_key(patterns.keys(), module), a['lora_alpha'])) if patterns else float(a['lora_alpha'])
     return alpha / (math.sqrt(r) if a.get('use_rslora') else r)
 
+def fold_peft_scale(a:dict, weights:dict) -> dict:
+    "The adapter's weights with each B times PEFT's scale over llama.cpp's `alpha / r` (the only scale llama.cpp applies)"
+    out = {}
+    for key, t in weights.items():
+        module, _, part = key.removeprefix('base_model.model.').rpartition('.lora_')
+        if part == 'B.weight':
+            r = weights[key.replace('lora_B', 'lora_A')].shape[0]
+            ratio = peft_scale(a, module, r) / (float(a['lora_alpha']) / r)
+            if ratio != 1: t = t.float() * ratio
+        out[key] = t
+    return out
+
 def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict, weights:dict|None=None) -> list:
     "(GGUF name, float32 array) for every lora_a/lora_b: PEFT's shapes, B's rows permuted for q/k, PEFT's scale folded into B"
-    weights = weights if weights is not None else read_adapter_weights(adapter_dir)
+    weights = fold_peft_scale(a, weights if weights is not None else read_adapter_weights(adapter_dir))
     n_layers, n_head = base_cfg['num_hidden_layers'], base_cfg['num_attention_heads']
     n_kv = base_cfg.get('num_key_value_heads') or n_head
     pairs = {}
@@ -336,9 +348,7 @@ def lora_gguf_tensors(adapter_dir, base_cfg:dict, a:dict, weights:dict|None=None
         pairs.setdefault(module, {})[part[0]] = v.float().numpy()
     out = []
     for module, ab in pairs.items():
-        A, B = ab['A'], ab['B']; r = A.shape[0]
-        scale, cpp_scale = peft_scale(a, module, r), float(a['lora_alpha']) / r
-        if scale != cpp_scale: B = B * (scale / cpp_scale)
+        A, B = ab['A'], ab['B']
         if module.endswith('.q_proj'): B = permute_qk(B, n_head)
         elif module.endswith('.k_proj'): B = permute_qk(B, n_kv)
         name = gguf_name(module + '.weight', n_layers)

@@ -11,9 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'AnswerOver', 'stop_token_ids', 'generate_responses', 'extract_response', 'token_f1',
-           'score_text', 'score_responses', 'evaluate', 'supervised_loss', 'load_inference_base', 'metrics_table',
-           'save_metrics', 'measure', 'reply', 'Chat']
+__all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'AnswerOver', 'stop_token_ids', 'generate_token_ids', 'generate_responses',
+           'extract_response', 'token_f1', 'score_text', 'score_responses', 'evaluate', 'supervised_loss',
+           'load_inference_base', 'metrics_table', 'save_metrics', 'measure', 'reply', 'Chat']
 
 # %% ../nbs/11_inference.ipynb #c004
 import torch
@@ -46,9 +46,9 @@ def stop_token_ids(tok) -> list:
     return ids
 
 @torch.no_grad()
-def generate_responses(model, tok, records, template:str='alpaca', max_new_tokens:int=48, batch_size:int=16,
-                       do_sample:bool=False, temperature:float=0.7, top_p:float=0.9, progress:bool=False) -> list[str]:
-    "Generated answer text (special tokens removed) for each record, in order; for a conversation, its last assistant turn"
+def generate_token_ids(model, tok, records, template:str='alpaca', max_new_tokens:int=48, batch_size:int=16,
+                       do_sample:bool=False, temperature:float=0.7, top_p:float=0.9, progress:bool=False) -> list[list[int]]:
+    "Generated token ids for each record, in order, up to and including the first stop token (none: the answer never stopped)"
     prompts = [build_prompt(r, template, tok) for r in records]
     ids = [prompt_ids(r, tok, template) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -69,9 +69,15 @@ def generate_responses(model, tok, records, template:str='alpaca', max_new_token
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stops,
                              stopping_criteria=stop, **sample)
         for i, row in zip(idx, gen[:, n:].tolist()):
-            end = next((k for k, t in enumerate(row) if t in stops), len(row))
-            out[i] = tok.decode(row[:end], skip_special_tokens=True)
+            out[i] = row[:next((k + 1 for k, t in enumerate(row) if t in stops), len(row))]
     return out
+
+def generate_responses(model, tok, records, template:str='alpaca', max_new_tokens:int=48, batch_size:int=16,
+                       do_sample:bool=False, temperature:float=0.7, top_p:float=0.9, progress:bool=False) -> list[str]:
+    "Generated answer text (special tokens removed) for each record, in order; for a conversation, its last assistant turn"
+    rows = generate_token_ids(model, tok, records, template, max_new_tokens, batch_size, do_sample, temperature, top_p, progress)
+    stops = stop_token_ids(tok)
+    return [tok.decode(r[:-1] if r and r[-1] in stops else r, skip_special_tokens=True) for r in rows]
 
 # %% ../nbs/11_inference.ipynb #c011
 STOP_MARKERS = (*STOP_STRINGS, '<|im_end|>', '<|im_start|>')

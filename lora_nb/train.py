@@ -219,7 +219,7 @@ def apply_preset(cfg:Config, n_examples:int) -> Config:
 
 # %% ../nbs/09_training.ipynb #c030
 def build_trainer(cfg:Config, model, tok, train_ex:list, val_ex:list, run_dir:Path, callbacks=(), plot:bool|None=None,
-                  checkpoint:Path|None=None) -> LoraTrainer:
+                  checkpoint:Path|None=None, collator=None) -> LoraTrainer:
     "The `LoraTrainer` for `cfg` with lora_nb's callbacks: TensorBoard, console lines, plot, monitor, distributed checks"
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -228,7 +228,7 @@ def build_trainer(cfg:Config, model, tok, train_ex:list, val_ex:list, run_dir:Pa
     if cfg.train.monitor: cbs.append(TrainingMonitor(log_dir=run_dir/'tb' if main else None))
     if main and (plot if plot is not None else in_notebook()): cbs.append(LivePlot())
     trainer = LoraTrainer(model=model, args=training_args(cfg, run_dir), train_dataset=train_ex, eval_dataset=val_ex or None,
-                          data_collator=collator_for(cfg.data.batching, tok), callbacks=cbs)
+                          data_collator=collator or collator_for(cfg.data.batching, tok), callbacks=cbs)
     for quiet in (PrinterCallback, ProgressCallback): trainer.remove_callback(quiet)  # ConsoleLog prints instead
     DistributedChecks.attach(trainer, cfg, checkpoint)
     return trainer
@@ -266,8 +266,8 @@ def save_run(trainer, tok, run_dir:Path, metrics:dict):
     wait_for_all()  # no process returns before rank 0 has written the run folder
 
 # %% ../nbs/09_training.ipynb #c010
-def train(cfg:Config, name:str|None=None, resume:bool=False, callbacks=(), plot:bool|None=None) -> Path:
-    "Fine-tune a LoRA adapter as `cfg` says; returns the run folder"
+def train(cfg:Config, name:str|None=None, resume:bool=False, callbacks=(), plot:bool|None=None, collator=None) -> Path:
+    "Fine-tune a LoRA adapter as `cfg` says (`collator`: another batch collator than `[data] batching`'s); returns the run folder"
     check_launch(cfg, name)  # before anything loads: refuses launches that would train otherwise than asked
     if cfg.train.threads: torch.set_num_threads(cfg.train.threads)
     run_dir = claim_run_folder(cfg, name, resume)
@@ -276,7 +276,7 @@ def train(cfg:Config, name:str|None=None, resume:bool=False, callbacks=(), plot:
     cfg = apply_preset(cfg, len(train_ex))
     model = attach_lora_from(model, cfg)                             # attach
     ckpt = last_checkpoint(run_dir) if resume else None
-    trainer = build_trainer(cfg, model, tok, train_ex, val_ex, run_dir, callbacks, plot, ckpt)  # trainer
+    trainer = build_trainer(cfg, model, tok, train_ex, val_ex, run_dir, callbacks, plot, ckpt, collator)  # trainer
     if trainer.args.should_save: save_config(cfg, run_dir/'config.ini')
     t0 = time.time()
     _fit(trainer, cfg, ckpt)                                         # run
