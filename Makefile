@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8888
 
-.PHONY: install demo test test-llamacpp test-fast test-slow lab tb export clean-nbs readme
+.PHONY: install demo test test-llamacpp test-fast test-slow lab tb export clean-nbs readme docs notebooks
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
 # The [llamacpp] extra builds llama.cpp from llama-cpp-python's source (about 7 minutes on 2 cores, once: pip keeps
@@ -57,3 +57,12 @@ export: install
 # README.md is generated from nbs/index.ipynb (quarto, which nbdev-readme needs, cannot install here)
 readme: install
 	$(BIN)/jupyter nbconvert --log-level=ERROR --to markdown nbs/index.ipynb --output-dir . --output README
+
+# a static HTML site of the notebooks with their saved outputs (nothing runs), in _docs/: open _docs/index.html
+docs: install
+	$(PY) tools/build_docs.py --output _docs
+
+# run every chapter in a kernel with the real model and save its outputs into nbs/ (long: a chapter may take
+# many minutes on a CPU); wall times go to nbs/notebook_times.json
+notebooks: install
+	$(PY) tools/run_notebooks.py

@@ -20,7 +20,7 @@ __all__ = ['SEED_MICRO_BATCH', 'TRL_SETTINGS', 'RECIPE_TRAINERS', 'RECIPE_TITLES
 
 # %% ../nbs/15_performance.ipynb #c004
 from .core import atomic_write_text, cpu_flags, cpu_name, machine_info, pick_device, release_free_memory, run_fresh, torch_dtype
-from .config import data_path, load_config
+from .config import ConfigError, data_path, load_config
 from .data import read_records, build_prompt, tokenize_example, tokenize_records, collate_padded, collate_padding_free, collator_for, length_grouped_batches
 from .models import load_base, load_base_from, attach_lora, attach_lora_from, load_tokenizer, packed_sdpa_attention
 from .memory import _reset_rss_peak, model_shape
@@ -538,7 +538,7 @@ def run_bench(model:str='smollm2-135m', # built-in name, folder or hub id
     "Train each recipe on the same examples in a fresh process; print a table and, last, one JSON line; return the figures"
     import peft, trl  # heavy: see the imports
     if unknown := [r for r in recipes if r not in RECIPE_TRAINERS]:
-        raise ValueError(f"recipe(s) {', '.join(map(repr, unknown))}: use {', '.join(RECIPE_TRAINERS)}")
+        raise ConfigError(f"recipe(s) {', '.join(map(repr, unknown))}: use {', '.join(RECIPE_TRAINERS)}")
     batch_size = batch_size or load_config(overrides=overrides).train.batch_size
     cfg = bench_config(model, steps, batch_size, overrides)
     dev, threads = pick_device(cfg.model.device), cfg.train.threads or torch.get_num_threads()

@@ -10,10 +10,11 @@ import argparse, json, os, sys, warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ALPACA_CHAT_NOTE', 'SUBCOMMANDS', 'add_settings', 'settings', 'cmd_train', 'add_train', 'cmd_eval', 'add_eval',
-           'cmd_chat', 'add_chat', 'cmd_demo', 'add_demo', 'cmd_merge', 'add_merge', 'cmd_export', 'add_export',
-           'cmd_data_show', 'cmd_data_check', 'add_data', 'cmd_doctor', 'add_doctor', 'cmd_bench', 'add_bench',
-           'cmd_estimate', 'add_estimate', 'cmd_tensorboard', 'add_tensorboard', 'build_parser', 'main']
+__all__ = ['ALPACA_CHAT_NOTE', 'SUBCOMMANDS', 'add_settings', 'settings', 'cmd_train', 'add_train', 'warn_other_template',
+           'cmd_eval', 'add_eval', 'cmd_chat', 'add_chat', 'cmd_demo', 'add_demo', 'cmd_merge', 'add_merge',
+           'cmd_export', 'add_export', 'cmd_data_show', 'cmd_data_check', 'add_data', 'cmd_doctor', 'add_doctor',
+           'cmd_bench', 'add_bench', 'cmd_estimate', 'add_estimate', 'cmd_tensorboard', 'add_tensorboard',
+           'build_parser', 'main']
 
 # %% ../nbs/18_cli.ipynb #c011
 from .core import LoraNbError
@@ -63,6 +64,12 @@ def add_train(sub):
     p.add_argument('--processes', type=int, metavar='N', help='train on N processes of this machine (= --set train.processes=N)')
 
 # %% ../nbs/18_cli.ipynb #c023
+def warn_other_template(cfg:Config, tok, adapter):
+    "Before an adapter answers: the doctor's prompt-template check against the run that trained it, as warnings on stderr"
+    from lora_nb.doctor import check_template  # torch: imported on use
+    for f in check_template(cfg, tok, adapter) if adapter else []:
+        if f.check == 'prompt-template': print(f"warning: {f.evidence}\n    fix: {f.fix}", file=sys.stderr)
+
 def cmd_eval(args):
     "Evaluate a base model, or an adapter beside its base alone, on a file of any format: the loss on what training learns, then generated answers"
     from lora_nb.data import read_records  # torch: imported on use
@@ -70,6 +77,7 @@ def cmd_eval(args):
     from lora_nb.adapters import load_for_inference, using_adapter
     cfg = settings(args, {'eval.limit': args.limit})
     model, tok = load_for_inference(args.base, args.adapter, cfg)
+    warn_other_template(cfg, tok, args.adapter)
     data = Path(args.data) if args.data else data_path(cfg.data.test_file)
     records = read_records(data)
     task = args.task or ('file' if args.data else cfg.data.task)  # a user's file: exact match and token F1
@@ -106,6 +114,7 @@ def cmd_chat(args):
     from lora_nb.adapters import load_for_inference
     cfg = settings(args)
     model, tok = load_for_inference(args.base, args.adapter, cfg)
+    warn_other_template(cfg, tok, args.adapter)
     chat = Chat(model, tok, cfg, args.instruction)
     if not chat.multi_turn: print(ALPACA_CHAT_NOTE, file=sys.stderr)
     if not args.message and sys.stdin.isatty(): print("Type a message (Ctrl-D to end).", file=sys.stderr)

@@ -10,7 +10,7 @@ import dataclasses, gc, json, os, time
 from pathlib import Path
 from .core import atomic_write_text, cpu_name, cpu_flags, resolve_dtype
 from .config import Config, data_path, load_config
-from .data import collate_padded, read_records, record_format, reference_answer, to_messages
+from .data import collate_padded, read_records, record_format, reference_answer, to_messages, tokenize_example
 from .infer import evaluate, extract_response, generate_responses, generate_token_ids, metrics_table, score_responses, stop_token_ids
 from .doctor import check_batches, check_train_on
 from .models import load_tokenizer
@@ -22,7 +22,7 @@ import peft, torch, transformers
 # %% auto #0
 __all__ = ['sample_answers', 'machine_facts', 'run_demo', 'checkpoint_adapters', 'exact_match_by_step', 'save_steps_record',
            'template_mismatch', 'save_mismatch_record', 'eos_masking_collator', 'answer_lengths', 'pitfall_runs',
-           'save_pitfall_record']
+           'save_pitfall_record', 'eos_probability', 'eos_trap_runs', 'save_eos_trap_record']
 
 # %% ../nbs/17_demo.ipynb #c006
 def _last_message(record:dict) -> str:
@@ -185,3 +185,37 @@ def save_pitfall_record(record_path, n:int=100, cfg:Config|None=None) -> dict:
     record['pitfalls']['seconds'] = round(time.time() - t0)
     atomic_write_text(Path(record_path), json.dumps(record, indent=1))
     return record
+
+# %% ../nbs/17_demo.ipynb #c055
+@torch.no_grad()
+def eos_probability(model, tok, records, cfg:Config) -> float:
+    "Mean probability of the answer's final token (its EOS or end of turn) right after each reference answer, teacher-forced"
+    d, probs = cfg.data, []
+    model.eval()
+    for r in records:
+        ex = tokenize_example(r, tok, d.template, d.max_length, d.format, d.train_on)
+        last = max(i for i, l in enumerate(ex['labels']) if l != -100)  # the last supervised token: the end of the answer
+        logits = model(input_ids=torch.tensor([ex['input_ids'][:last]], device=model.device)).logits[0, -1].float()
+        probs.append(float(logits.softmax(-1)[ex['input_ids'][last]]))
+    return sum(probs) / len(probs)
+
+def eos_trap_runs(cfg:Config, n:int=100, prefix:str='eos-trap') -> dict:
+    "`cfg` trained with lora_nb's collator and with the pad = EOS trap; EOS probability and exact match of each, and of the base"
+    tok, records = load_tokenizer(cfg.model.name), read_records(data_path(cfg.data.test_file))[:n]
+    runs = {'base model': None, 'lora_nb collator': train(cfg, name=f'{prefix}-ok', plot=False)/'adapter',
+            'pad = EOS': train(cfg, name=f'{prefix}-trap', collator=eos_masking_collator(tok), plot=False)/'adapter'}
+    out = {}
+    for name, adapter in runs.items():
+        model, tok = load_for_inference(adapter=adapter, cfg=cfg)
+        out[name] = dict(eos_probability=eos_probability(model, tok, records, cfg), exact_match=evaluate(model, tok, records, cfg)['exact_match'])
+        del model; gc.collect()
+    return dict(n=len(records), template=cfg.data.template, task=cfg.data.task, steps=cfg.train.max_steps, runs=out)
+
+# %% ../nbs/17_demo.ipynb #c058
+def save_eos_trap_record(path, n:int=100, cfg:Config|None=None) -> dict:
+    "`eos_trap_runs` on the ticket task (default settings), with the machine, written to `path`"
+    t0, facts = time.time(), machine_facts()
+    rec = dict(eos_trap_runs(cfg or load_config(), n), machine=facts)
+    rec['seconds'] = round(time.time() - t0)
+    atomic_write_text(Path(path), json.dumps(rec, indent=1))
+    return rec

@@ -39,7 +39,7 @@ def test_last_line_is_the_json_summary(tiny_bench):
 def test_every_recipe_trained_the_same_examples(tiny_bench):
     summary, _, _ = tiny_bench
     recipes = summary['recipes']
-    assert sorted(recipes) == ['lora_fp32', 'lora_nb', 'qlora', 'qlora_no_gc', 'seed', 'trl']
+    assert sorted(recipes) == ['lora_fp32', 'lora_nb', 'lora_nb_chat', 'qlora', 'qlora_no_gc', 'seed', 'trl']
     for r in recipes.values():
         assert (r['steps'], r['timed_steps'], r['train_examples'], r['val_examples']) == (2, 1, 4, 8)
         assert len(r['train_loss']) == 2 and all(math.isfinite(l) for l in r['train_loss'])
@@ -60,6 +60,10 @@ def test_every_recipe_trained_the_same_examples(tiny_bench):
     assert [recipes[r]['base_dtype'] for r in ('seed', 'trl', 'lora_fp32')] == ['float32'] * 3
     assert recipes['lora_nb']['base_dtype'] == recipes['qlora']['base_dtype'] == ('bfloat16' if bf16 else 'float32')
     assert recipes['lora_nb']['attn_implementation'] == 'packed_sdpa'
+    # conversations through the same padding-free path: no padding computed, two answers per support chat learned
+    chat = recipes['lora_nb_chat']
+    assert chat['computed_per_step'] == chat['tokens_per_step'] and chat['supervised_per_step'] > recipes['lora_nb']['supervised_per_step']
+    assert summary['chat_to_instruction_tokens_per_sec'] == chat['tokens_per_sec'] / recipes['lora_nb']['tokens_per_sec']
     assert recipes['qlora']['weight_bytes'] < recipes['lora_nb']['weight_bytes'] <= recipes['lora_fp32']['weight_bytes']
     # QLoRA as its recipe runs it (4-bit + gradient checkpointing), and the 4-bit base alone
     assert recipes['qlora']['load_in_4bit'] and recipes['qlora_no_gc']['load_in_4bit'] and not recipes['lora_nb']['load_in_4bit']
@@ -95,7 +99,7 @@ def test_summary_arithmetic():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match='use one of seed, trl, lora_nb, lora_fp32, qlora, qlora_no_gc'): measure_recipe('unsloth')
+    with pytest.raises(ValueError, match='use one of seed, trl, lora_nb, lora_nb_chat, lora_fp32, qlora, qlora_no_gc'): measure_recipe('unsloth')
     with pytest.raises(ValueError, match='steps must be >= 2'): measure_recipe('lora_nb', steps=1)
 
 

@@ -91,6 +91,18 @@ def test_every_subcommand_has_help(cmd):
     assert code == 0 and 'usage: lora-nb' in out
 
 
+def test_other_template_is_a_warning(adapter):
+    "The adapter trained on Alpaca prompts, asked in the chat template: eval and chat say so before answering"
+    for args in (('eval', '--adapter', adapter, '--limit', 1, '--no-base', '--output', adapter.parent/'chat-eval.json'),
+                 ('chat', '--adapter', adapter, '-m', 'Where is order 12345?')):
+        code, out, err = run(*args, '--set', 'data.template=chat')
+        assert code == 0, err[-3000:]
+        assert "was trained on 'alpaca' prompts, but these settings build 'chat' prompts" in err, err[-3000:]
+        assert 'fix: --set data.template=alpaca' in err
+    code, out, err = run('chat', '--adapter', adapter, '-m', 'Where is order 12345?')
+    assert 'was trained on' not in err
+
+
 def test_chat_answers_one_message(adapter):
     code, out, err = run('chat', '--adapter', adapter, '--instruction',
                          'Triage this support ticket. Reply with JSON: intent, order_id, urgent.', '-m', 'Where is order 12345?')
@@ -188,8 +200,18 @@ def test_bench_smoke(tmp_path):
     assert code == 0, err[-3000:]
     last = json.loads(out.strip().splitlines()[-1])
     assert last == json.loads((tmp_path/'b.json').read_text())
-    assert sorted(last['recipes']) == ['lora_fp32', 'lora_nb', 'qlora', 'qlora_no_gc', 'seed', 'trl']
-    assert all(last[k] is not None for k in ('speedup_vs_seed_recipe', 'speedup_vs_trl_default', 'roofline_fraction', 'qlora_to_lora_memory'))
+    assert sorted(last['recipes']) == ['lora_fp32', 'lora_nb', 'lora_nb_chat', 'qlora', 'qlora_no_gc', 'seed', 'trl']
+    assert all(last[k] is not None for k in ('speedup_vs_seed_recipe', 'speedup_vs_trl_default', 'roofline_fraction', 'qlora_to_lora_memory',
+                                             'chat_to_instruction_tokens_per_sec'))
+
+
+def test_bench_recipes_subset_and_unknown_recipe(tmp_path):
+    code, out, err = run('bench', '--model', 'tiny', '--steps', 2, '--examples', 4, '--batch-size', 2, '--recipes', 'lora_nb,lora_nb_chat')
+    assert code == 0, err[-3000:]
+    assert sorted(json.loads(out.strip().splitlines()[-1])['recipes']) == ['lora_nb', 'lora_nb_chat']
+    code, out, err = run('bench', '--model', 'tiny', '--recipes', 'lora_nb,unsloth')
+    assert code == 1 and err.strip().splitlines() == ["lora-nb bench: error: recipe(s) 'unsloth': use seed, trl, lora_nb, lora_nb_chat, "
+                                                      "lora_fp32, qlora, qlora_no_gc"], err[-3000:]
 
 
 # --- an adapter on the wrong base: one line from every subcommand that takes an adapter --------------------------

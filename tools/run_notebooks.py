@@ -1,0 +1,140 @@
+"""Run every chapter top to bottom in a real Jupyter kernel and save its outputs into the notebook.
+
+This is how the committed notebooks get their outputs: each chapter runs in a fresh `python3` kernel of this venv,
+in `nbs/` (as JupyterLab runs it), with the learner profile (the real model: LORA_NB_PROFILE unset) unless
+`--profile fast` asks for the tiny test model. In the fast profile the cells `nbdev-test` skips (`#| slow`,
+`#| notest`: pyproject's tst_flags) are not run, as `make test` does not run them. The executed notebook is
+cleaned the way `nbdev-clean` cleans (outputs kept; execution counts, timestamps and other volatile metadata
+dropped) and written atomically. A chapter that raises is not saved: its failing cell is reported, the other
+chapters still run, and the exit status is 1. Each chapter's wall time goes to `notebook_times.json` beside the
+notebooks written.
+
+    .venv/bin/python tools/run_notebooks.py                                  # every chapter, in place
+    .venv/bin/python tools/run_notebooks.py --profile fast --only 00_lora_math --output-dir /tmp/nbrun
+"""
+from __future__ import annotations
+import argparse, datetime, json, os, platform, re, sys, tempfile, time, tomllib
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+from nbdev.clean import clean_nb
+from nbdev.config import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / 'nbs'
+
+
+def cell_flags(source: str) -> set:
+    "Names of the `#| ...` directives that open a code cell ({'slow', 'export', ...})"
+    flags = set()
+    for line in source.splitlines():
+        if not line.startswith('#|'): break
+        if (m := re.match(r'#\|\s*([\w-]+)', line)): flags.add(m[1])
+    return flags
+
+
+def test_flags() -> set:
+    "The flags of cells plain `nbdev-test` skips (pyproject.toml [tool.nbdev] tst_flags)"
+    cfg = tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['nbdev']
+    return set(cfg.get('tst_flags', '').split())
+
+
+def cpu_name() -> str:
+    "The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)"
+    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): return platform.processor() or 'unknown'
+
+
+def write_atomic(path: Path, text: str):
+    "Write `text` to `path` through a temporary file in the same folder, so a reader never sees half a file"
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    umask = os.umask(0); os.umask(umask)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f: f.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)  # mkstemp made it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def clean(nb):
+    "What `nbdev-clean` (clear_all=False) does to a notebook, with this project's settings: outputs stay"
+    cfg = get_config(path=ROOT)
+    clean_nb(nb, clear_all=False, allowed_metadata_keys=cfg.get('allowed_metadata_keys') or [],
+             allowed_cell_metadata_keys=cfg.get('allowed_cell_metadata_keys') or [], clean_ids=cfg.clean_ids,
+             allowed_out_metadata_keys=cfg.get('allowed_out_metadata_keys') or [])
+
+
+def first_line(source: str) -> str:
+    return next((l for l in source.splitlines() if l.strip() and not l.startswith('#|')), '').strip()
+
+
+def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int) -> float:
+    "Execute `src` cell by cell in a fresh kernel (cwd: its folder); save it, cleaned, to `dest`; the seconds it took"
+    nb = nbformat.read(src, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', record_timing=False,
+                            resources={'metadata': {'path': str(src.parent)}})
+    t0 = time.time()
+    client.reset_execution_trackers()
+    with client.setup_kernel():  # what client.execute() does, with cells skipped by flag
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != 'code': continue
+            if cell_flags(cell.source) & skip_flags: cell.outputs, cell.execution_count = [], None; continue
+            try: client.execute_cell(cell, i, execution_count=client.code_cells_executed + 1)
+            except CellExecutionError as e:
+                raise RuntimeError(f"cell {i} ({first_line(cell.source)[:60]!r}) raised "
+                                   f"{e.ename}: {e.evalue}") from e
+        client.set_widgets_metadata()  # widget state, so a saved slider still shows in a static page
+    seconds = time.time() - t0
+    clean(nb)
+    write_atomic(dest, nbformat.writes(nb) + '\n')
+    return seconds
+
+
+def chapters(nbs_dir: Path, only: list | None, index: bool) -> list[Path]:
+    "The notebooks to run: every `NN_*.ipynb` (plus index.ipynb with `index`), or those named in `only`"
+    every = sorted(nbs_dir.glob('[0-9][0-9]_*.ipynb')) + ([nbs_dir / 'index.ipynb'] if index or only else [])
+    if not only: return every
+    by_name = {p.stem: p for p in every}
+    unknown = [n for n in only if Path(n).stem not in by_name]
+    if unknown: sys.exit(f"no such notebook in {nbs_dir}: {', '.join(unknown)}")
+    return [by_name[Path(n).stem] for n in only]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--only', nargs='+', metavar='NAME', help='run only these notebooks (00_lora_math, 07_monitors, ...)')
+    ap.add_argument('--index', action='store_true', help='run index.ipynb too')
+    ap.add_argument('--profile', default='', help="LORA_NB_PROFILE for the kernels ('fast': tiny model); default: "
+                                                  "unset, the learner profile with the real model")
+    ap.add_argument('--output-dir', type=Path, help='write the executed notebooks here instead of over nbs/')
+    ap.add_argument('--timeout', type=int, default=3600, help='seconds a cell may run')
+    ap.add_argument('--nbs', type=Path, default=NBS, help='folder of the notebooks')
+    args = ap.parse_args(argv)
+
+    os.environ.pop('LORA_NB_PROFILE', None)
+    if args.profile: os.environ['LORA_NB_PROFILE'] = args.profile
+    os.environ.pop('MPLBACKEND', None)  # kernels draw with the inline backend, so plots are saved as images
+    out_dir = (args.output_dir or args.nbs).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skip = test_flags() if args.profile == 'fast' else set()
+    times_path = out_dir / 'notebook_times.json'
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    failed = []
+    for src in chapters(args.nbs, args.only, args.index):
+        try: seconds = run_notebook(src, out_dir / src.name, skip, args.timeout)
+        except Exception as e:
+            print(f'{src.stem:20} FAILED: {e}', flush=True)
+            failed.append(src.stem)
+            continue
+        print(f'{src.stem:20} {seconds:8.1f} s', flush=True)
+        times[src.stem] = dict(seconds=round(seconds, 1), date=datetime.datetime.now().isoformat(timespec='seconds'),
+                               cpu=cpu_name(), profile=args.profile or 'learner')
+        write_atomic(times_path, json.dumps(dict(sorted(times.items())), indent=1) + '\n')
+    if failed: sys.exit(f"{len(failed)} notebook(s) failed: {', '.join(failed)} (not saved)")
+
+
+if __name__ == '__main__': main()
