@@ -72,26 +72,47 @@ def first_line(source: str) -> str:
     return next((l for l in source.splitlines() if l.strip() and not l.startswith('#|')), '').strip()
 
 
-def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int) -> float:
-    "Execute `src` cell by cell in a fresh kernel (cwd: its folder); save it, cleaned, to `dest`; the seconds it took"
+RUN_TIME_MARK = '<!-- run-all-time: written by tools/run_notebooks.py -->'
+LONG_CELL = 60  # seconds: a cell that runs longer is listed in notebook_times.json
+
+
+def run_time_note(seconds: float, profile: str) -> str:
+    "The line a chapter opens with: how long its Run All took, where and when"
+    what = 'the learner profile (the real SmolLM2)' if profile == 'learner' else f'the {profile} profile'
+    return (f"{RUN_TIME_MARK}\n*Run All: {seconds / 60:.1f} minutes in {what} on a {os.cpu_count()}-core {cpu_name()}, "
+            f"measured by `make notebooks` on {datetime.date.today():%Y-%m-%d}.*")
+
+
+def set_run_time(nb, note: str):
+    "Replace the chapter's run-time cell, or insert one after its title cell"
+    cell = next((c for c in nb.cells if c.cell_type == 'markdown' and c.source.startswith(RUN_TIME_MARK)), None)
+    if cell is not None: cell.source = note
+    else: nb.cells.insert(1, nbformat.v4.new_markdown_cell(note))
+
+
+def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int, profile: str = 'learner') -> tuple[float, list]:
+    "Execute `src` cell by cell in a fresh kernel (cwd: its folder); save it, cleaned, to `dest`; (seconds, long cells)"
     nb = nbformat.read(src, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', record_timing=False,
                             resources={'metadata': {'path': str(src.parent)}})
-    t0 = time.time()
+    t0, long_cells = time.time(), []
     client.reset_execution_trackers()
     with client.setup_kernel():  # what client.execute() does, with cells skipped by flag
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != 'code': continue
             if cell_flags(cell.source) & skip_flags: cell.outputs, cell.execution_count = [], None; continue
+            c0 = time.time()
             try: client.execute_cell(cell, i, execution_count=client.code_cells_executed + 1)
             except CellExecutionError as e:
                 raise RuntimeError(f"cell {i} ({first_line(cell.source)[:60]!r}) raised "
                                    f"{e.ename}: {e.evalue}") from e
+            if time.time() - c0 > LONG_CELL: long_cells.append(dict(cell=i, code=first_line(cell.source)[:80], seconds=round(time.time() - c0)))
         client.set_widgets_metadata()  # widget state, so a saved slider still shows in a static page
     seconds = time.time() - t0
+    if src.stem[:2].isdigit(): set_run_time(nb, run_time_note(seconds, profile))  # chapters open with it; not the index
     clean(nb)
     write_atomic(dest, nbformat.writes(nb) + '\n')
-    return seconds
+    return seconds, long_cells
 
 
 def chapters(nbs_dir: Path, only: list | None, index: bool) -> list[Path]:
@@ -125,14 +146,14 @@ def main(argv=None):
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     failed = []
     for src in chapters(args.nbs, args.only, args.index):
-        try: seconds = run_notebook(src, out_dir / src.name, skip, args.timeout)
+        try: seconds, long_cells = run_notebook(src, out_dir / src.name, skip, args.timeout, args.profile or 'learner')
         except Exception as e:
             print(f'{src.stem:20} FAILED: {e}', flush=True)
             failed.append(src.stem)
             continue
         print(f'{src.stem:20} {seconds:8.1f} s', flush=True)
         times[src.stem] = dict(seconds=round(seconds, 1), date=datetime.datetime.now().isoformat(timespec='seconds'),
-                               cpu=cpu_name(), profile=args.profile or 'learner')
+                               cpu=cpu_name(), cpus=os.cpu_count(), profile=args.profile or 'learner', long_cells=long_cells)
         write_atomic(times_path, json.dumps(dict(sorted(times.items())), indent=1) + '\n')
     if failed: sys.exit(f"{len(failed)} notebook(s) failed: {', '.join(failed)} (not saved)")
 
