@@ -311,9 +311,9 @@ def diagnose(cfg, model=None, tokenizer=None, records=None, collator=None, run=N
         try: records = load_splits(cfg.data, splits=('train', 'val'))['train']  # the same files train reads
         except (OSError, ValueError) as e:
             return out + [Finding('error', 'records', f"the training data cannot be read: {e}", 'fix [data] train_file')]
-    out += check_data(cfg, tokenizer, records) + check_train_on(cfg, tokenizer, records)
-    if not has_errors([f for f in out if f.check == 'records']):
-        out += check_batches(cfg, tokenizer, records, collator, n_batches)
+    out += check_data(cfg, tokenizer, records)
+    if not has_errors([f for f in out if f.check == 'records']):  # records that tokenize
+        out += check_train_on(cfg, tokenizer, records) + check_batches(cfg, tokenizer, records, collator, n_batches)
     try: stats = token_stats(records, tokenizer, cfg.data.template, cfg.data.format, cfg.data.train_on)
     except Exception: stats = None  # invalid records: check_data has reported them
     out += check_memory(cfg, stats=stats)
