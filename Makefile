@@ -54,9 +54,11 @@ tb: install
 export: install
 	$(BIN)/nbdev-export
 
-# README.md is generated from nbs/index.ipynb (quarto, which nbdev-readme needs, cannot install here)
+# README.md is generated from nbs/index.ipynb (quarto, which nbdev-readme needs, cannot install here), with the
+# index's saved outputs (the demo's table and figure: `tools/run_notebooks.py --only index` saves them) and without
+# its code; the figure goes to README_files/
 readme: install
-	$(BIN)/jupyter nbconvert --log-level=ERROR --to markdown nbs/index.ipynb --output-dir . --output README
+	$(BIN)/jupyter nbconvert --log-level=ERROR --to markdown --no-input nbs/index.ipynb --output-dir . --output README
 
 # a static HTML site of the notebooks with their saved outputs (nothing runs), in _docs/: open _docs/index.html
 docs: install

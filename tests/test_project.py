@@ -32,9 +32,12 @@ def test_clean_leaves_notebooks_unchanged(tmp_path):
 
 
 def test_readme_is_generated_from_index(tmp_path):
-    subprocess.run([BIN/'jupyter', 'nbconvert', '--log-level=ERROR', '--to', 'markdown', str(ROOT/'nbs'/'index.ipynb'),
+    subprocess.run([BIN/'jupyter', 'nbconvert', '--log-level=ERROR', '--to', 'markdown', '--no-input', str(ROOT/'nbs'/'index.ipynb'),
                     '--output-dir', str(tmp_path), '--output', 'README'], check=True, capture_output=True)
     assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), "README.md drifted: run `make readme`"
+    figures = sorted(p.name for p in (tmp_path/'README_files').glob('*.png'))
+    assert figures and figures == sorted(p.name for p in (ROOT/'README_files').glob('*.png')), "README_files/ drifted: run `make readme`"
+    assert all((tmp_path/'README_files'/f).read_bytes() == (ROOT/'README_files'/f).read_bytes() for f in figures)
 
 
 def test_every_notebook_is_exported_or_index():
