@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8888
 
-.PHONY: install demo test test-llamacpp test-fast test-slow lab tb export clean-nbs readme docs notebooks
+.PHONY: install demo test test-llamacpp test-learner test-slow lab tb export readme docs notebooks
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
 # The [llamacpp] extra builds llama.cpp from llama-cpp-python's source (about 7 minutes on 2 cores, once: pip keeps
@@ -36,6 +36,11 @@ test: install
 # after `make test`, as its own target so that `make test` stays near 20 minutes)
 test-llamacpp: install
 	LORA_NB_PROFILE=fast $(BIN)/pytest -q tests/test_llamacpp.py
+
+# a learner's run: every chapter opened in JupyterLab (headless Chromium) and Run All with the real model, no error,
+# no stderr, widgets live (long on a CPU); the terminal summary gives each chapter's time
+test-learner: install
+	LORA_NB_PROFILE= LORA_NB_BROWSER_TIMEOUT=3600 $(BIN)/pytest -q tests/test_browser.py
 
 # real-model checks: notebook cells marked `#| slow` and pytest tests marked slow
 test-slow: install
