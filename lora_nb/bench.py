@@ -167,7 +167,7 @@ def lora_nb_trainer(model, tok, records, cfg, out_dir):
     "lora_nb's training path: `LoraTrainer` with `training_args(cfg)` and the collator `[data] batching` names"
     args = training_args(cfg, Path(out_dir)); args.disable_tqdm = True
     d = cfg.data
-    ex = [tokenize_example(r, tok, d.template, d.max_length, d.format, d.train_on) for r in records]
+    ex = tokenize_records(records, tok, d.template, d.max_length, d.format, d.train_on)
     return LoraTrainer(model=model, args=args, train_dataset=ex, data_collator=collator_for(cfg.data.batching, tok))
 
 RECIPE_TRAINERS = {'seed': seed_recipe_trainer, 'trl': trl_trainer, 'lora_nb': lora_nb_trainer, 'lora_nb_chat': lora_nb_trainer,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from .core import hub_unreachable
-from .config import Config, data_path
+from .config import SPLITS, Config, data_path
 from .tasks import DataError
 
 # %% auto #0
@@ -626,7 +626,7 @@ def padding_cost(lengths:list, batch_size:int=8, max_length:int=512, seed:int=0)
                  cost_vs_padding_free=round(v / real, 2)) for k, v in plans.items()]
 
 # %% ../nbs/04_data.ipynb #c144
-def load_splits(data_cfg, splits=('train', 'val', 'test')) -> dict:
+def load_splits(data_cfg, splits=SPLITS) -> dict:
     "Records of `splits` from a `DataCfg` (`cfg.data`); 'test' is None when `test_file` is empty"
     train = read_records(data_path(data_cfg.train_file))
     if data_cfg.val_file: val = read_records(data_path(data_cfg.val_file))

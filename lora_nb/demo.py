@@ -11,7 +11,7 @@ from pathlib import Path
 from .core import atomic_write_text, cpu_name, cpu_flags, resolve_dtype
 from .config import Config, data_path, load_config
 from .data import collate_padded, read_records, record_format, reference_answer, to_messages, tokenize_example
-from .infer import evaluate, extract_response, generate_responses, generate_token_ids, metrics_table, score_responses, stop_token_ids
+from .infer import answer_texts, evaluate, extract_response, generate_responses, generate_token_ids, metrics_table, score_responses, stop_token_ids
 from .doctor import check_batches, check_train_on
 from .models import load_tokenizer
 from .adapters import load_for_inference
@@ -149,7 +149,7 @@ def answer_lengths(model, tok, records, cfg:Config, max_new_tokens:int=128) -> d
     rows = generate_token_ids(model, tok, records, cfg.data.template, max_new_tokens, cfg.eval.batch_size)
     stops = stop_token_ids(tok)
     stopped = [bool(r) and r[-1] in stops for r in rows]
-    texts = [tok.decode(r[:-1] if s else r, skip_special_tokens=True) for r, s in zip(rows, stopped)]
+    texts = answer_texts(tok, rows)
     ref = [len(tok(reference_answer(r), add_special_tokens=False)['input_ids']) + 1 for r in records]  # + its end of turn
     return dict(n=len(records), mean_tokens=round(sum(map(len, rows)) / len(rows), 1), stopped=sum(stopped) / len(rows),
                 reference_mean_tokens=round(sum(ref) / len(ref), 1), max_new_tokens=max_new_tokens,

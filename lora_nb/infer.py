@@ -12,8 +12,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['STOP_STRINGS', 'STOP_MARKERS', 'AnswerOver', 'stop_token_ids', 'generate_token_ids', 'generate_responses',
-           'extract_response', 'token_f1', 'score_text', 'score_responses', 'evaluate', 'supervised_loss',
-           'load_inference_base', 'metrics_table', 'save_metrics', 'measure', 'reply', 'Chat']
+           'answer_texts', 'extract_response', 'token_f1', 'score_text', 'score_responses', 'evaluate',
+           'supervised_loss', 'load_inference_base', 'metrics_table', 'save_metrics', 'measure', 'reply', 'Chat']
 
 # %% ../nbs/11_inference.ipynb #c004
 import torch
@@ -76,6 +76,10 @@ def generate_responses(model, tok, records, template:str='alpaca', max_new_token
                        do_sample:bool=False, temperature:float=0.7, top_p:float=0.9, progress:bool=False) -> list[str]:
     "Generated answer text (special tokens removed) for each record, in order; for a conversation, its last assistant turn"
     rows = generate_token_ids(model, tok, records, template, max_new_tokens, batch_size, do_sample, temperature, top_p, progress)
+    return answer_texts(tok, rows)
+
+def answer_texts(tok, rows:list) -> list[str]:
+    "The text of generated answers (`generate_token_ids` rows): the closing stop token and special tokens left out"
     stops = stop_token_ids(tok)
     return [tok.decode(r[:-1] if r and r[-1] in stops else r, skip_special_tokens=True) for r in rows]
 
