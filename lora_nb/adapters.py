@@ -23,7 +23,7 @@ __all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'MERGE_TOLERANCE', 'MERGE_RTOL',
 # %% ../nbs/12_adapters.ipynb #c004
 import torch
 from .core import LoraNbError, atomic_write_text, build_atomically, torch_dtype
-from .config import Config, ConfigError, data_path, task_files
+from .config import Config, ConfigError, data_path, shown_path, task_files
 from .tasks import TASKS, task_splits
 from .data import build_prompt, read_records, reference_answer
 from .models import BUILTIN_MODELS, load_base, resolve_model
@@ -59,7 +59,7 @@ class AdapterSize:
 def adapter_size(adapter_dir, base:str|None=None) -> AdapterSize:
     "Weight-file sizes of the adapter in `adapter_dir` and of its base (default: the base its config names)"
     base = base or base_model_name(adapter_dir)
-    return AdapterSize(str(adapter_dir), checkpoint_bytes(adapter_dir), base, checkpoint_bytes(resolve_model(base)))
+    return AdapterSize(shown_path(adapter_dir), checkpoint_bytes(adapter_dir), base, checkpoint_bytes(resolve_model(base)))
 
 # %% ../nbs/12_adapters.ipynb #c018
 class AdapterError(LoraNbError, ValueError):
@@ -199,7 +199,7 @@ def warn_if_other_base(model, adapter_dir, config:dict|None=None):
     config = config or read_adapter_config(adapter_dir)
     trained_on, given = config.get('base_model_name_or_path'), _inner_model(model).name_or_path
     if trained_on and given and not _same_base(trained_on, given):
-        warnings.warn(f"{Path(adapter_dir)/ADAPTER_CONFIG}: trained on {trained_on!r}, put on {given!r}: the shapes and "
+        warnings.warn(f"{shown_path(Path(adapter_dir)/ADAPTER_CONFIG)}: trained on {shown_path(trained_on)!r}, put on {shown_path(given)!r}: the shapes and "
                       f"the architecture fit, but on other weights the adapter does not do what it learned", OtherBaseWarning)
 
 # %% ../nbs/12_adapters.ipynb #c034
@@ -378,7 +378,7 @@ def merge_adapter(adapter_dir, output_dir, base:str|None=None, dtype:str='float3
     if gap > tol:
         raise AdapterError(f"{adapter_dir}: merged logits differ from base + adapter by {gap:.2e} (> {tol:.1e}); nothing written")
     merged = merged.to(torch_dtype(dtype))
-    summary = dict(output=str(out), adapter=str(adapter_dir), base=base, dtype=dtype, from_4bit=from_4bit,
+    summary = dict(output=shown_path(out), adapter=shown_path(adapter_dir), base=base, dtype=dtype, from_4bit=from_4bit,
                    merge_max_abs_diff=gap, tolerance=tol, check_prompts=len(records))
     def build(tmp:Path):
         merged.save_pretrained(tmp); tok.save_pretrained(tmp)

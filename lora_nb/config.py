@@ -6,7 +6,7 @@ Docs: https://github.com/lora-nb/lora_nb/config.html.md"""
 
 # %% ../nbs/02_config.ipynb #c003
 from __future__ import annotations
-import configparser, dataclasses, os, re
+import configparser, dataclasses, os, re, tempfile
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -15,8 +15,8 @@ from .core import LoraNbError, atomic_write_text
 # %% auto #0
 __all__ = ['CONVERTER_TYPES', 'QUANT_TYPES', 'SECTIONS', 'SPLITS', 'ModelCfg', 'QuantCfg', 'LoraCfg', 'DataCfg', 'TrainCfg',
            'EvalCfg', 'ExportCfg', 'Config', 'ConfigError', 'parse_value', 'read_settings', 'read_profile',
-           'parse_override', 'find_settings', 'project_root', 'task_files', 'load_config', 'config_to_ini',
-           'save_config', 'overrides_of', 'data_path', 'run_folder', 'run_config']
+           'parse_override', 'find_settings', 'project_root', 'shown_path', 'task_files', 'load_config',
+           'config_to_ini', 'save_config', 'overrides_of', 'data_path', 'run_folder', 'scratch_folder', 'run_config']
 
 # %% ../nbs/02_config.ipynb #c008
 def _opt(*choices, check=None, why=''):
@@ -221,6 +221,16 @@ def project_root() -> Path:
     "The folder holding settings.ini (relative data paths in it are resolved against this folder)"
     return find_settings().parent
 
+def shown_path(p) -> str:
+    "`p` as messages show it: relative to the project root inside the project, `~/...` under the home folder, else as given"
+    p = Path(p).expanduser()
+    if not p.is_absolute(): return str(p)
+    try: root = project_root().resolve()
+    except ConfigError: root = None  # an installed package with no project around it
+    for base, prefix in ((root, ''), (Path.home().resolve(), '~/')):
+        if base is not None and p.resolve().is_relative_to(base): return prefix + str(p.resolve().relative_to(base))
+    return str(p)
+
 # %% ../nbs/02_config.ipynb #c023
 def _build(flat:dict, sources) -> Config:
     "Typed `Config` from a flat {(section, key): (text, source)} map; every field must be present"
@@ -258,9 +268,9 @@ def _follow_task(flat:dict, keys:list):
 def load_config(path=None, overrides=(), profile:str|None=None) -> Config:
     "Project settings.ini, then the user file `path`, then a profile (default: $LORA_NB_PROFILE), then `overrides`"
     base = find_settings()
-    flat, sources = read_settings(base), [base]
+    flat, sources = read_settings(base), [shown_path(base)]
     if path is not None and Path(path).resolve() != base.resolve():
-        flat.update(read_settings(path)); sources.append(Path(path))
+        flat.update(read_settings(path)); sources.append(shown_path(path))
     profile = os.environ.get('LORA_NB_PROFILE', '') if profile is None else profile
     if profile:
         flat.update(read_profile(base, profile)); sources.append(f'profile:{profile}')
@@ -297,6 +307,12 @@ def data_path(p) -> Path:
 def run_folder(cfg:Config, name:str|None=None) -> Path:
     "runs/<name> under `[train] output_dir`; without a name, the task and a timestamp"
     return data_path(cfg.train.output_dir)/(name or f"{cfg.data.task}-{datetime.now():%Y%m%d-%H%M%S}")
+
+def scratch_folder(name:str, cfg:Config|None=None) -> Path:
+    "A new empty folder `scratch/<name>-XXXXXXXX` under `[train] output_dir`: where a chapter writes its example files"
+    root = data_path((cfg or load_config()).train.output_dir)/'scratch'
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f'{name}-', dir=root))
 
 def run_config(run) -> Config|None:
     "The `Config` a run (or its adapter folder) was trained with, from the run's config.ini; None if there is none"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from .core import hub_unreachable
-from .config import SPLITS, Config, data_path
+from .config import SPLITS, Config, data_path, shown_path
 from .tasks import DataError
 
 # %% auto #0
@@ -49,7 +49,7 @@ def _decode(data:bytes, path, line:int|None=None) -> str:
         before = data[:e.start]
         ln = line if line is not None else before.count(b'\n') + 1
         col = e.start - (before.rfind(b'\n') + 1) + 1
-        raise DataError(f"{path}, line {ln}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
+        raise DataError(f"{shown_path(path)}, line {ln}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
                         "save the file as UTF-8") from None
 
 def _read_jsonl(path:Path) -> Records:
@@ -59,30 +59,30 @@ def _read_jsonl(path:Path) -> Records:
         if not text: continue
         try: recs.append(json.loads(text))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{shown_path(path)}, line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
         where.append(f"line {i}")
-    return Records(recs, path, where)
+    return Records(recs, shown_path(path), where)
 
 def _read_json(path:Path) -> Records:
     text = _decode(path.read_bytes(), path)
     try: data = json.loads(text)
-    except json.JSONDecodeError as e: raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except json.JSONDecodeError as e: raise DataError(f"{shown_path(path)}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list): data = next(iter(data.values()))
-    if not isinstance(data, list): raise DataError(f"{path}: expected a list of records (JSON objects), got {type(data).__name__}")
-    return Records(data, path, [f"item {i+1}" for i in range(len(data))])
+    if not isinstance(data, list): raise DataError(f"{shown_path(path)}: expected a list of records (JSON objects), got {type(data).__name__}")
+    return Records(data, shown_path(path), [f"item {i+1}" for i in range(len(data))])
 
 def _read_csv(path:Path) -> Records:
     reader = csv.DictReader(io.StringIO(_decode(path.read_bytes(), path), newline=''))
     recs, where = [], []
     for row in reader:
-        if None in row: raise DataError(f"{path}, line {reader.line_num}: more values than the header has columns")
+        if None in row: raise DataError(f"{shown_path(path)}, line {reader.line_num}: more values than the header has columns")
         recs.append(row); where.append(f"line {reader.line_num}")
-    return Records(recs, path, where)
+    return Records(recs, shown_path(path), where)
 
 def _read_parquet(path:Path) -> Records:
     import pyarrow.parquet as pq  # optional: only for .parquet files
     rows = pq.read_table(path).to_pylist()
-    return Records(rows, path, [f"row {i+1}" for i in range(len(rows))])
+    return Records(rows, shown_path(path), [f"row {i+1}" for i in range(len(rows))])
 
 READERS = {'.jsonl': _read_jsonl, '.json': _read_json, '.csv': _read_csv, '.parquet': _read_parquet}
 
@@ -108,7 +108,7 @@ def read_records(source, split:str='train') -> Records:
     path = Path(source).expanduser()
     if path.exists():
         if path.suffix.lower() not in READERS:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
+            raise DataError(f"{shown_path(path)}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
         return READERS[path.suffix.lower()](path)
     if path.suffix.lower() in READERS or str(source).startswith(('.', '/', '~')):
         raise DataError(f"{source}: file not found")

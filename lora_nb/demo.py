@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses, gc, json, os, time
 from pathlib import Path
 from .core import atomic_write_text, cpu_name, cpu_flags, resolve_dtype
-from .config import Config, data_path, load_config
+from .config import Config, data_path, load_config, shown_path
 from .data import collate_padded, read_records, record_format, reference_answer, to_messages, tokenize_example
 from .infer import answer_texts, evaluate, extract_response, generate_responses, generate_token_ids, metrics_table, score_responses, stop_token_ids
 from .doctor import check_batches, check_train_on
@@ -63,7 +63,7 @@ def run_demo(cfg:Config|None=None, name:str|None=None, out=print, record=None) -
     metrics = json.loads((run/'metrics.json').read_text())
     out(f"   {metrics['steps']} steps in {metrics['train_seconds']:.0f} s, {metrics['tokens_per_sec']} tokens/s, "
         f"final train loss {metrics['final_train_loss']:.3f}")
-    out(f"== 3/3 fine-tuned: {run/'adapter'}")
+    out(f"== 3/3 fine-tuned: {shown_path(run/'adapter')}")
     model, tok = load_for_inference(adapter=run/'adapter', cfg=cfg)
     out(f"   adapter: {metrics['trainable_params']:,} trained parameters, "
         f"{metrics['trainable_params'] / metrics['total_params']:.2%} of {metrics['total_params']:,}")
@@ -79,7 +79,7 @@ def run_demo(cfg:Config|None=None, name:str|None=None, out=print, record=None) -
                                 attn_implementation=cfg.model.attn_implementation, load_in_4bit=cfg.quant.load_in_4bit, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                 dropout=cfg.lora.dropout, lr=cfg.train.lr, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size))
     for path in [run/'demo.json', *([record] if record else [])]: atomic_write_text(Path(path), json.dumps(result, indent=1))
-    out(f"\ndemo finished in {result['total_seconds']:.0f} s; results in {run/'demo.json'}")
+    out(f"\ndemo finished in {result['total_seconds']:.0f} s; results in {shown_path(run/'demo.json')}")
     return result
 
 # %% ../nbs/17_demo.ipynb #c015

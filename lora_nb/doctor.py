@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import torch
 from .core import DeviceError, machine_info, pick_device, pick_precision, resolve_dtype
-from .config import run_config
+from .config import run_config, shown_path
 from .lora import lora_scaling
 from .data import collator_for, load_splits, record_format, to_messages, token_stats, tokenize_example, validate_records
 from .models import TargetError, attach_lora_from, load_base_from, load_tokenizer, trainable_report
@@ -260,11 +260,11 @@ def check_template(cfg, tokenizer=None, run=None) -> list[Finding]:
                            '--set data.template=alpaca'))
     trained = run_config(run) if run is not None else None
     if trained is not None and trained.data.template != cfg.data.template:
-        out.append(Finding('error', 'prompt-template', f"{run} was trained on {trained.data.template!r} prompts, but these settings "
+        out.append(Finding('error', 'prompt-template', f"{shown_path(run)} was trained on {trained.data.template!r} prompts, but these settings "
                            f"build {cfg.data.template!r} prompts: the adapter would see a format it never learned",
                            f"--set data.template={trained.data.template}"))
     if trained is not None and trained.model.name != cfg.model.name:
-        out.append(Finding('error', 'base-model', f"{run} was trained on {trained.model.name!r}, these settings load "
+        out.append(Finding('error', 'base-model', f"{shown_path(run)} was trained on {trained.model.name!r}, these settings load "
                            f"{cfg.model.name!r}: an adapter only fits the base it was trained on", f"--model {trained.model.name}"))
     return out
 

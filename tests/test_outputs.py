@@ -6,7 +6,7 @@ or a runaway print is not). `make notebooks` writes these outputs; this test is 
 A deliberately bad notebook proves the checker finds each problem.
 """
 from __future__ import annotations
-import json
+import sys
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_notebook, new_output
@@ -14,33 +14,15 @@ import pytest
 
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / 'tools'))
+from run_notebooks import output_problems as nb_output_problems
+
 NOTEBOOKS = sorted((ROOT / 'nbs').glob('*.ipynb'))
-MACHINE_PATHS = sorted({str(ROOT), '/home/', '/root/', '/work/', '/tmp/'})
-TEXT_TYPES = ('text/plain', 'text/html', 'text/markdown')
-MAX_BYTES = 1_000_000
-
-
-def output_texts(out) -> list[str]:
-    "The text an output shows: stream text and its text/plain, text/html, text/markdown representations"
-    texts = [out.get('text', '')] + [out.get('data', {}).get(k, '') for k in TEXT_TYPES]
-    return [t if isinstance(t, str) else ''.join(t) for t in texts if t]
 
 
 def output_problems(nb_path) -> list[str]:
-    "What is wrong with the outputs saved in notebook `nb_path`, one line per problem (empty: nothing)"
-    nb, problems = nbformat.read(nb_path, as_version=4), []
-    for i, cell in enumerate(nb.cells):
-        for out in cell.get('outputs', []):
-            where = f"{nb_path.name} cell {i}"
-            if out.output_type == 'error': problems.append(f"{where}: error output {out.ename}: {out.evalue}")
-            if out.output_type == 'stream' and out.name == 'stderr':
-                problems.append(f"{where}: stderr output {out.text[:80]!r}")
-            for text in output_texts(out):
-                for p in MACHINE_PATHS:
-                    if p in text: problems.append(f"{where}: output shows the machine path {p!r}")
-            size = len(json.dumps(out))
-            if size > MAX_BYTES: problems.append(f"{where}: output of {size / 1e6:.1f} MB (limit {MAX_BYTES / 1e6:.0f} MB)")
-    return problems
+    "What is wrong with the outputs saved in notebook `nb_path` (tools/run_notebooks.py holds the rules)"
+    return nb_output_problems(nbformat.read(nb_path, as_version=4), nb_path.name)
 
 
 @pytest.mark.parametrize('nb_path', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

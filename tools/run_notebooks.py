@@ -7,7 +7,8 @@ in `nbs/` (as JupyterLab runs it), with the learner profile (the real model: LOR
 cleaned the way `nbdev-clean` cleans (outputs kept; execution counts, timestamps and other volatile metadata
 dropped) and written atomically. A chapter that raises is not saved: its failing cell is reported, the other
 chapters still run, and the exit status is 1. Each chapter's wall time goes to `notebook_times.json` beside the
-notebooks written.
+notebooks written. Outputs unfit to publish (`output_problems`: what tests/test_outputs.py rejects) are listed as
+soon as their chapter is saved.
 
     .venv/bin/python tools/run_notebooks.py                                  # every chapter, in place
     .venv/bin/python tools/run_notebooks.py --profile fast --only 00_lora_math --output-dir /tmp/nbrun
@@ -68,6 +69,34 @@ def clean(nb):
              allowed_out_metadata_keys=cfg.get('allowed_out_metadata_keys') or [])
 
 
+MACHINE_PATHS = sorted({str(ROOT), '/home/', '/root/', '/work/', '/tmp/'})
+TEXT_TYPES = ('text/plain', 'text/html', 'text/markdown')
+MAX_OUTPUT_BYTES = 1_000_000
+
+
+def output_texts(out) -> list[str]:
+    "The text an output shows: stream text and its text/plain, text/html, text/markdown representations"
+    texts = [out.get('text', '')] + [out.get('data', {}).get(k, '') for k in TEXT_TYPES]
+    return [t if isinstance(t, str) else ''.join(t) for t in texts if t]
+
+
+def output_problems(nb, name: str) -> list[str]:
+    "What makes the outputs saved in notebook `nb` unfit to publish, one line per problem (empty: nothing)"
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get('outputs', []):
+            where = f"{name} cell {i}"
+            if out.output_type == 'error': problems.append(f"{where}: error output {out.ename}: {out.evalue}")
+            if out.output_type == 'stream' and out.name == 'stderr':
+                problems.append(f"{where}: stderr output {out.text[:80]!r}")
+            for text in output_texts(out):
+                for p in MACHINE_PATHS:
+                    if p in text: problems.append(f"{where}: output shows the machine path {p!r}")
+            size = len(json.dumps(out))
+            if size > MAX_OUTPUT_BYTES: problems.append(f"{where}: output of {size / 1e6:.1f} MB (limit {MAX_OUTPUT_BYTES / 1e6:.0f} MB)")
+    return problems
+
+
 def first_line(source: str) -> str:
     return next((l for l in source.splitlines() if l.strip() and not l.startswith('#|')), '').strip()
 
@@ -112,6 +141,7 @@ def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int, profile: 
     if src.stem[:2].isdigit(): set_run_time(nb, run_time_note(seconds, profile))  # chapters open with it; not the index
     clean(nb)
     write_atomic(dest, nbformat.writes(nb) + '\n')
+    for problem in output_problems(nb, dest.name): print(f'  unfit to publish: {problem}', flush=True)
     return seconds, long_cells
 
 
