@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8888
 
-.PHONY: install demo test test-llamacpp test-learner test-slow lab tb export readme docs notebooks
+.PHONY: install demo test test-browser test-llamacpp test-learner test-slow lab tb export readme docs notebooks
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
 # The [llamacpp] extra builds llama.cpp from llama-cpp-python's source (about 7 minutes on 2 cores, once: pip keeps
@@ -24,13 +24,20 @@ install: $(STAMP)
 demo: install
 	$(BIN)/lora-nb demo
 
-# nbdev-test runs every notebook with the fast profile (tiny model); pytest runs tests/.
+# nbdev-test runs every notebook with the fast profile (tiny model); pytest runs tests/ (in JupyterLab in the
+# browser: the chapters with widgets and the one with the live training plot; `make test-browser` runs them all).
 # 16_scaling forks training processes from its kernel, which must not have trained before: nbdev-test's workers
 # run several notebooks each, so that chapter gets a process of its own.
+BROWSER_IN_TEST := ^(00_lora_math|06_memory|09_training)[.]
 test: install
 	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 2 --skip-file-re '^16_scaling'
 	LORA_NB_PROFILE=fast $(BIN)/nbdev-test --n-workers 1 --file-re '^16_scaling'
-	LORA_NB_PROFILE=fast LORA_NB_BROWSER_TIMEOUT=480 $(BIN)/pytest -q tests --ignore=tests/test_llamacpp.py
+	LORA_NB_PROFILE=fast LORA_NB_BROWSER_TIMEOUT=480 LORA_NB_BROWSER_ONLY='$(BROWSER_IN_TEST)' $(BIN)/pytest -q \
+	  --durations=15 tests --ignore=tests/test_llamacpp.py
+
+# every chapter in JupyterLab in the browser, fast profile (about 9 minutes; CI runs it after `make test`)
+test-browser: install
+	LORA_NB_PROFILE=fast LORA_NB_BROWSER_TIMEOUT=480 $(BIN)/pytest -q tests/test_browser.py
 
 # llama.cpp's own converter, quantizer and runtime on every family and on SmolLM2 (about 6 minutes; CI runs it
 # after `make test`, as its own target so that `make test` stays near 20 minutes)

@@ -19,8 +19,11 @@ import pytest
 from conftest import (ROOT, free_port, get_json, record_timing, require, start_server, stop_process, venv_tool,
                       wait_for_http)
 
+# LORA_NB_BROWSER_ONLY: a regular expression that picks chapters by file name (`make test` runs the ones with widgets
+# and a live training plot; `make test-browser` and `make test-learner` run them all)
 NOTEBOOKS = sorted(p.name for p in (ROOT / 'nbs').glob('*.ipynb')
-                   if p.name != 'index.ipynb' and not p.name.startswith('_'))
+                   if p.name != 'index.ipynb' and not p.name.startswith('_')
+                   and re.search(os.environ.get('LORA_NB_BROWSER_ONLY', ''), p.name))
 TOKEN = 'lora-nb-browser-test'
 TIMEOUT = float(os.environ.get('LORA_NB_BROWSER_TIMEOUT', 240))  # seconds per notebook (2 busy cores)
 # stderr text a notebook may print (regexes). Keep it empty: library noise is fixed in the notebook, not here.

@@ -194,21 +194,15 @@ def test_demo_before_after(extra, tmp_path):
     assert not noise(err), err[-3000:]
 
 
-def test_bench_smoke(tmp_path):
-    "`lora-nb bench` on the tiny model: every recipe runs and the last line is the JSON summary (no timing asserted)"
-    code, out, err = run('bench', '--model', 'tiny', '--steps', 2, '--examples', 8, '--batch-size', 2, '--output', tmp_path/'b.json')
+def test_bench_recipes_subset_and_unknown_recipe(tmp_path):
+    "`lora-nb bench` on the tiny model: the recipes asked for run, the last line is the JSON summary, also saved"
+    # every recipe of the bench, and the summary's figures, are checked through run_bench in tests/test_bench.py
+    code, out, err = run('bench', '--model', 'tiny', '--steps', 2, '--examples', 4, '--batch-size', 2, '--recipes', 'lora_nb,lora_nb_chat',
+                         '--output', tmp_path/'b.json')
     assert code == 0, err[-3000:]
     last = json.loads(out.strip().splitlines()[-1])
     assert last == json.loads((tmp_path/'b.json').read_text())
-    assert sorted(last['recipes']) == ['lora_fp32', 'lora_nb', 'lora_nb_chat', 'qlora', 'qlora_no_gc', 'seed', 'trl']
-    assert all(last[k] is not None for k in ('speedup_vs_seed_recipe', 'speedup_vs_trl_default', 'roofline_fraction', 'qlora_to_lora_memory',
-                                             'chat_to_instruction_tokens_per_sec'))
-
-
-def test_bench_recipes_subset_and_unknown_recipe(tmp_path):
-    code, out, err = run('bench', '--model', 'tiny', '--steps', 2, '--examples', 4, '--batch-size', 2, '--recipes', 'lora_nb,lora_nb_chat')
-    assert code == 0, err[-3000:]
-    assert sorted(json.loads(out.strip().splitlines()[-1])['recipes']) == ['lora_nb', 'lora_nb_chat']
+    assert sorted(last['recipes']) == ['lora_nb', 'lora_nb_chat'] and last['chat_to_instruction_tokens_per_sec'] is not None
     code, out, err = run('bench', '--model', 'tiny', '--recipes', 'lora_nb,unsloth')
     assert code == 1 and err.strip().splitlines() == ["lora-nb bench: error: recipe(s) 'unsloth': use seed, trl, lora_nb, lora_nb_chat, "
                                                       "lora_fp32, qlora, qlora_no_gc"], err[-3000:]

@@ -7,8 +7,9 @@ in `nbs/` (as JupyterLab runs it), with the learner profile (the real model: LOR
 cleaned the way `nbdev-clean` cleans (outputs kept; execution counts, timestamps and other volatile metadata
 dropped) and written atomically. A chapter that raises is not saved: its failing cell is reported, the other
 chapters still run, and the exit status is 1. Each chapter's wall time goes to `notebook_times.json` beside the
-notebooks written. Outputs unfit to publish (`output_problems`: what tests/test_outputs.py rejects) are listed as
-soon as their chapter is saved.
+notebooks written; the chapter opens with its Run All time and a cell that ran longer than a minute gets a note above
+it with its time. Outputs unfit to publish (`output_problems`: what tests/test_outputs.py rejects) are listed as
+soon as their chapter is saved. `--notes-only` rewrites those notes from notebook_times.json without running.
 
     .venv/bin/python tools/run_notebooks.py                                  # every chapter, in place
     .venv/bin/python tools/run_notebooks.py --profile fast --only 00_lora_math --output-dir /tmp/nbrun
@@ -119,6 +120,27 @@ def set_run_time(nb, note: str):
     else: nb.cells.insert(1, nbformat.v4.new_markdown_cell(note))
 
 
+CELL_TIME_MARK = '<!-- cell-time: written by tools/run_notebooks.py -->'
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} seconds" if seconds < 120 else f"{seconds / 60:.0f} minutes"
+
+
+def cell_time_note(seconds: float, profile: str) -> str:
+    "The line above a long cell: how long it took in the run that saved its outputs"
+    return (f"{CELL_TIME_MARK}\n*The next cell takes about {duration(seconds)} in the {profile} profile on a "
+            f"{os.cpu_count()}-core {cpu_name()} (measured by `make notebooks`).*")
+
+
+def set_cell_times(nb, long_cells: list, profile: str):
+    "Drop the old notes above long cells; put one above each cell of `long_cells` (dicts with its `id` and `seconds`)"
+    nb.cells = [c for c in nb.cells if not (c.cell_type == 'markdown' and c.source.startswith(CELL_TIME_MARK))]
+    took = {lc['id']: lc['seconds'] for lc in long_cells}
+    for i in reversed(range(len(nb.cells))):
+        if nb.cells[i].get('id') in took: nb.cells.insert(i, nbformat.v4.new_markdown_cell(cell_time_note(took[nb.cells[i].id], profile)))
+
+
 def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int, profile: str = 'learner') -> tuple[float, list]:
     "Execute `src` cell by cell in a fresh kernel (cwd: its folder); save it, cleaned, to `dest`; (seconds, long cells)"
     nb = nbformat.read(src, as_version=4)
@@ -135,14 +157,26 @@ def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int, profile: 
             except CellExecutionError as e:
                 raise RuntimeError(f"cell {i} ({first_line(cell.source)[:60]!r}) raised "
                                    f"{e.ename}: {e.evalue}") from e
-            if time.time() - c0 > LONG_CELL: long_cells.append(dict(cell=i, code=first_line(cell.source)[:80], seconds=round(time.time() - c0)))
+            if time.time() - c0 > LONG_CELL:
+                long_cells.append(dict(id=cell.get('id'), code=first_line(cell.source)[:80], seconds=round(time.time() - c0)))
         client.set_widgets_metadata()  # widget state, so a saved slider still shows in a static page
     seconds = time.time() - t0
     if src.stem[:2].isdigit(): set_run_time(nb, run_time_note(seconds, profile))  # chapters open with it; not the index
+    set_cell_times(nb, long_cells, profile)
     clean(nb)
     write_atomic(dest, nbformat.writes(nb) + '\n')
     for problem in output_problems(nb, dest.name): print(f'  unfit to publish: {problem}', flush=True)
     return seconds, long_cells
+
+
+def notes_from_times(nb_path: Path, record: dict) -> list:
+    "Rewrite a saved notebook's long-cell notes from its `notebook_times.json` record (no kernel, outputs untouched)"
+    nb = nbformat.read(nb_path, as_version=4)
+    code = {first_line(c.source)[:80]: c.get('id') for c in nb.cells if c.cell_type == 'code'}
+    long_cells = [dict(lc, id=lc.get('id') or code.get(lc['code'])) for lc in record.get('long_cells', [])]
+    set_cell_times(nb, long_cells, record.get('profile', 'learner'))
+    write_atomic(nb_path, nbformat.writes(nb) + '\n')
+    return long_cells
 
 
 def chapters(nbs_dir: Path, only: list | None, index: bool) -> list[Path]:
@@ -164,7 +198,15 @@ def main(argv=None):
     ap.add_argument('--output-dir', type=Path, help='write the executed notebooks here instead of over nbs/')
     ap.add_argument('--timeout', type=int, default=3600, help='seconds a cell may run')
     ap.add_argument('--nbs', type=Path, default=NBS, help='folder of the notebooks')
+    ap.add_argument('--notes-only', action='store_true', help='only rewrite the long-cell notes from notebook_times.json')
     args = ap.parse_args(argv)
+    if args.notes_only:
+        times_path = args.nbs / 'notebook_times.json'
+        times = json.loads(times_path.read_text())
+        for src in chapters(args.nbs, args.only, args.index):
+            if src.stem in times: times[src.stem]['long_cells'] = notes_from_times(src, times[src.stem])
+        write_atomic(times_path, json.dumps(times, indent=1) + '\n')
+        return
 
     os.environ.pop('LORA_NB_PROFILE', None)
     if args.profile: os.environ['LORA_NB_PROFILE'] = args.profile
