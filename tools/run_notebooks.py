@@ -116,8 +116,8 @@ def run_time_note(seconds: float, profile: str) -> str:
 def set_run_time(nb, note: str):
     "Replace the chapter's run-time cell, or insert one after its title cell"
     cell = next((c for c in nb.cells if c.cell_type == 'markdown' and c.source.startswith(RUN_TIME_MARK)), None)
-    if cell is not None: cell.source = note
-    else: nb.cells.insert(1, nbformat.v4.new_markdown_cell(note))
+    if cell is not None: cell.source, cell.id = note, 'run-all-time'
+    else: nb.cells.insert(1, nbformat.v4.new_markdown_cell(note, id='run-all-time'))  # a fixed id: no churn in diffs
 
 
 CELL_TIME_MARK = '<!-- cell-time: written by tools/run_notebooks.py -->'
@@ -138,7 +138,8 @@ def set_cell_times(nb, long_cells: list, profile: str):
     nb.cells = [c for c in nb.cells if not (c.cell_type == 'markdown' and c.source.startswith(CELL_TIME_MARK))]
     took = {lc['id']: lc['seconds'] for lc in long_cells}
     for i in reversed(range(len(nb.cells))):
-        if nb.cells[i].get('id') in took: nb.cells.insert(i, nbformat.v4.new_markdown_cell(cell_time_note(took[nb.cells[i].id], profile)))
+        if (cid := nb.cells[i].get('id')) in took:
+            nb.cells.insert(i, nbformat.v4.new_markdown_cell(cell_time_note(took[cid], profile), id=f'{cid}-time'[-64:]))
 
 
 def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int, profile: str = 'learner') -> tuple[float, list]:
