@@ -11,10 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['LLAMA_CPP_PYTHON', 'OLLAMA_ALPACA', 'llama_cpp_status', 'transformers_greedy_ids', 'llama_cpp_tokenize',
-           'llama_cpp_generate', 'llama_cpp_logits', 'llama_cpp_tools', 'convert_hf', 'check_layer_pattern',
-           'gguf_differences', 'quantize_gguf', 'export_model', 'compare_quants', 'convert_lora', 'render_go_template',
-           'ollama_values', 'ollama_chat_template', 'modelfile_text', 'write_modelfile', 'export_for_ollama']
+__all__ = ['LLAMA_CPP_PYTHON', 'OLLAMA_ALPACA', 'llama_cpp_status', 'transformers_greedy_ids', 'greedy_agreement',
+           'llama_cpp_tokenize', 'llama_cpp_generate', 'llama_cpp_logits', 'llama_cpp_tools', 'convert_hf',
+           'check_layer_pattern', 'gguf_differences', 'quantize_gguf', 'export_model', 'compare_quants', 'convert_lora',
+           'render_go_template', 'ollama_values', 'ollama_chat_template', 'modelfile_text', 'write_modelfile',
+           'export_for_ollama']
 
 # %% ../nbs/14_deploy.ipynb #c004
 import torch
@@ -45,6 +46,21 @@ def transformers_greedy_ids(model, tok, prompts, max_new_tokens:int=48) -> list[
         with torch.no_grad(): g = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                            eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
         out.append(g[:g.index(tok.eos_token_id)] if tok.eos_token_id in g else g)
+    return out
+
+# %% ../nbs/14_deploy.ipynb #c091
+def greedy_agreement(model, tok, prompts, got, want, tie:float=1e-3) -> list[str]:
+    "Per prompt: 'same', 'tie at token k' (the runtimes part at a near-tie of `model`'s logits) or 'differs at token k'"
+    out = []
+    for p, g, w in zip(prompts, got, want):
+        if g == w: out.append('same'); continue
+        k = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+        ids = tok(p, return_tensors='pt', add_special_tokens=False)['input_ids'].to(model.device)
+        ids = torch.cat([ids, torch.tensor([w[:k]], dtype=ids.dtype, device=ids.device)], 1)
+        with torch.no_grad(): logits = model(ids).logits[0, -1].float()
+        ends = [tok.eos_token_id if k == len(x) else x[k] for x in (g, w)]  # a continuation that stopped chose EOS
+        near = (logits[ends[0]] - logits[ends[1]]).abs() <= tie * logits.abs().max()
+        out.append(f"{'tie' if near else 'differs'} at token {k}")
     return out
 
 # %% ../nbs/14_deploy.ipynb #c013
