@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / 'tools'))
-from run_notebooks import (CELL_TIME_MARK, RUN_TIME_MARK, notes_from_times, output_problems as nb_output_problems,
+from run_notebooks import (CELL_TIME_MARK, RUN_TIME_MARK, duration, notes_from_times, output_problems as nb_output_problems,
                            run_notebook, run_time_note, set_cell_times, set_run_time)
 
 NOTEBOOKS = sorted((ROOT / 'nbs').glob('*.ipynb'))
@@ -72,7 +72,7 @@ def test_chapter_carries_its_learner_run(nb_path):
     note = next((c.source for c in nb.cells[:3] if c.cell_type == 'markdown' and c.source.startswith(RUN_TIME_MARK)), '')
     assert 'learner profile' in note, f"{nb_path.name}: no learner-profile Run All time after the title"
     record = TIMES[nb_path.stem]
-    assert f"{record['seconds'] / 60:.1f} minutes" in note, (note, record)
+    assert f"Run All: {duration(record['seconds'])} in the learner profile" in note and record['date'][:10] in note, (note, record)
     ids = [c.get('id') for c in nb.cells]
     for lc in record['long_cells']:
         i = ids.index(lc['id'])
@@ -86,14 +86,21 @@ def test_notes_are_rewritten_not_added(tmp_path):
         set_cell_times(nb, [dict(id='b', code='y = 2', seconds=seconds)], 'learner')
     kinds = [c.source.split('\n')[0] if c.cell_type == 'markdown' else c.id for c in nb.cells]
     assert kinds == ['# Title', RUN_TIME_MARK, 'a', CELL_TIME_MARK, 'b'], kinds
-    assert '3.3 minutes in the learner profile' in nb.cells[1].source and 'about 3 minutes' in nb.cells[3].source
+    assert 'Run All: 3 minutes in the learner profile' in nb.cells[1].source and 'about 3 minutes' in nb.cells[3].source
     set_cell_times(nb, [], 'learner')
     assert [c.get('id') for c in nb.cells if c.cell_type == 'code'] == ['a', 'b'] and len(nb.cells) == 4
     path = tmp_path / 'nb.ipynb'
     nbformat.write(nb, path)
-    notes_from_times(path, dict(profile='learner', long_cells=[dict(code='x = 1', seconds=90)]))  # matched by its code
+    notes_from_times(path, dict(profile='learner', seconds=95, date='2026-12-01T10:00:00',
+                                long_cells=[dict(code='x = 1', seconds=90)]))  # matched by its code
     again = nbformat.read(path, as_version=4)
     assert again.cells[2].source.startswith(CELL_TIME_MARK) and 'about 90 seconds' in again.cells[2].source
+    assert path.stem == 'nb' and 'Run All: 3 minutes' in again.cells[1].source  # not a chapter (NN_name): left alone
+    chapter = tmp_path / '07_x.ipynb'
+    nbformat.write(again, chapter)
+    notes_from_times(chapter, dict(profile='learner', seconds=95, date='2026-12-01T10:00:00', long_cells=[]))
+    assert 'Run All: 95 seconds in the learner profile' in nbformat.read(chapter, as_version=4).cells[1].source
+    assert 'on 2026-12-01' in nbformat.read(chapter, as_version=4).cells[1].source
 
 
 def test_run_notebook_saves_outputs_cleaned(tmp_path):

@@ -106,11 +106,17 @@ RUN_TIME_MARK = '<!-- run-all-time: written by tools/run_notebooks.py -->'
 LONG_CELL = 60  # seconds: a cell that runs longer is listed in notebook_times.json
 
 
-def run_time_note(seconds: float, profile: str) -> str:
-    "The line a chapter opens with: how long its Run All took, where and when"
+def duration(seconds: float) -> str:
+    "'1 second', '95 seconds', '26 minutes'"
+    if seconds >= 120: return f"{seconds / 60:.0f} minutes"
+    return f"{max(round(seconds), 1)} second{'s' if max(round(seconds), 1) != 1 else ''}"
+
+
+def run_time_note(seconds: float, profile: str, day: str | None = None) -> str:
+    "The line a chapter opens with: how long its Run All took, where and when (`day`: YYYY-MM-DD, default today)"
     what = 'the learner profile (the real SmolLM2)' if profile == 'learner' else f'the {profile} profile'
-    return (f"{RUN_TIME_MARK}\n*Run All: {seconds / 60:.1f} minutes in {what} on a {os.cpu_count()}-core {cpu_name()}, "
-            f"measured by `make notebooks` on {datetime.date.today():%Y-%m-%d}.*")
+    return (f"{RUN_TIME_MARK}\n*Run All: {duration(seconds)} in {what} on a {os.cpu_count()}-core {cpu_name()}, "
+            f"measured by `make notebooks` on {day or f'{datetime.date.today():%Y-%m-%d}'}.*")
 
 
 def set_run_time(nb, note: str):
@@ -121,10 +127,6 @@ def set_run_time(nb, note: str):
 
 
 CELL_TIME_MARK = '<!-- cell-time: written by tools/run_notebooks.py -->'
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.0f} seconds" if seconds < 120 else f"{seconds / 60:.0f} minutes"
 
 
 def cell_time_note(seconds: float, profile: str) -> str:
@@ -171,11 +173,13 @@ def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int, profile: 
 
 
 def notes_from_times(nb_path: Path, record: dict) -> list:
-    "Rewrite a saved notebook's long-cell notes from its `notebook_times.json` record (no kernel, outputs untouched)"
+    "Rewrite a saved notebook's Run All and long-cell notes from its `notebook_times.json` record (no kernel, outputs untouched)"
     nb = nbformat.read(nb_path, as_version=4)
     code = {first_line(c.source)[:80]: c.get('id') for c in nb.cells if c.cell_type == 'code'}
     long_cells = [dict(lc, id=lc.get('id') or code.get(lc['code'])) for lc in record.get('long_cells', [])]
     set_cell_times(nb, long_cells, record.get('profile', 'learner'))
+    if nb_path.stem[:2].isdigit():
+        set_run_time(nb, run_time_note(record['seconds'], record.get('profile', 'learner'), record.get('date', '')[:10] or None))
     write_atomic(nb_path, nbformat.writes(nb) + '\n')
     return long_cells
 
