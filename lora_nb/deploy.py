@@ -49,7 +49,7 @@ def transformers_greedy_ids(model, tok, prompts, max_new_tokens:int=48) -> list[
     return out
 
 # %% ../nbs/14_deploy.ipynb #c091
-def greedy_agreement(model, tok, prompts, got, want, tie:float=1e-3) -> list[str]:
+def greedy_agreement(model, tok, prompts, got, want, tie:float=5e-3) -> list[str]:
     "Per prompt: 'same', 'tie at token k' (the runtimes part at a near-tie of `model`'s logits) or 'differs at token k'"
     out = []
     for p, g, w in zip(prompts, got, want):
