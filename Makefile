@@ -72,7 +72,8 @@ export: install
 readme: install
 	$(BIN)/jupyter nbconvert --log-level=ERROR --to markdown --no-input nbs/index.ipynb --output-dir . --output README
 
-# a static HTML site of the notebooks with their saved outputs (nothing runs), in _docs/: open _docs/index.html
+# a static HTML site of the notebooks with their saved outputs (nothing runs), in _docs/: open _docs/index.html.
+# It reads offline: MathJax and the widget manager are copied in (npm fetches the latter once; --cdn links them)
 docs: install
 	$(PY) tools/build_docs.py --output _docs
 

@@ -4,8 +4,9 @@ The site is built from the committed notebooks into a temporary folder and serve
 every page must load, decode each of its images, reach each internal link, show no traceback and list every
 chapter in its sidebar. A tiny notebook folder built beside it (an image output, notebook links, a bare chapter
 name, a `#| hide` cell) proves the rewriting and the image check on a page that certainly has them.
-Screenshots of the home page and of chapter 00 go to tests/artifacts/. Requests that leave 127.0.0.1 (the CDN's
-require.js and MathJax) are refused, so the test runs offline.
+Screenshots of the home page and of chapter 00 go to tests/artifacts/. Requests that leave 127.0.0.1 are refused
+and counted: the site must read offline, its formulas typeset by the MathJax and its saved widgets drawn by the
+widget manager it carries in `_static/` (the tiny site, built with `cdn=True`, points at the CDNs instead).
 """
 from __future__ import annotations
 import base64, concurrent.futures, io, re, sys, urllib.error, urllib.parse, urllib.request
@@ -18,7 +19,7 @@ from conftest import ROOT, free_port, require, start_server, stop_process, wait_
 from test_browser import CHROMIUM_ARGS, find_chromium
 
 sys.path.insert(0, str(ROOT / 'tools'))
-from build_docs import build_site, site_pages
+from build_docs import STATIC_URLS, build_site, site_pages
 
 HREFS = [p.href for p in site_pages(ROOT / 'nbs')]  # index.html, 00_lora_math.html, ...
 TRACEBACK = 'Traceback (most recent call last)'
@@ -51,7 +52,7 @@ def site(tmp_path_factory):
     "The real site and the tiny one, built under one folder: {'root', 'real': [pages], 'tiny': [pages]}"
     root = tmp_path_factory.mktemp('docs')
     write_tiny_nbs(root / 'tiny_nbs')
-    return dict(root=root, real=build_site(root / 'site'), tiny=build_site(root / 'tiny', root / 'tiny_nbs'))
+    return dict(root=root, real=build_site(root / 'site'), tiny=build_site(root / 'tiny', root / 'tiny_nbs', cdn=True))
 
 
 def pager(html: str) -> dict:
@@ -87,6 +88,16 @@ def test_links_rewritten_and_images_embedded(site):
     assert '<title>First chapter – lora_nb</title>' in first and '>First chapter</a>' in first
 
 
+def test_scripts_carried_or_from_cdn(site):
+    real = (site['root'] / 'site' / '00_lora_math.html').read_text()
+    for url in STATIC_URLS.values():
+        assert f'"{url}"' in real or f"'{url}'" in real, url
+        assert (site['root'] / 'site' / url.split('?')[0]).is_file(), url
+    assert not re.search(r'src="https?://', real)  # nothing the page loads comes from elsewhere
+    tiny = (site['root'] / 'tiny' / '00_first.html').read_text()
+    assert 'src="https://cdnjs.cloudflare.com/ajax/libs/mathjax/' in tiny and not (site['root'] / 'tiny' / '_static').exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # in the browser
 
@@ -116,19 +127,30 @@ def look_at_pages(urls: list, shots: dict) -> dict:
     to a screenshot path. Runs in a thread of its own: Playwright's sync API refuses to start in a thread where
     another sync Playwright (test_browser's, in the same pytest session) is running."""
     from playwright.sync_api import sync_playwright
-    facts = {}
+    facts, refused, errors = {}, [], []
+    def refuse(route):
+        refused.append(route.request.url); route.abort()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=find_chromium(), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={'width': 1400, 'height': 1000})
-        page.route(re.compile(r'^(?!http://127\.0\.0\.1[:/])'), lambda route: route.abort())  # offline: no CDN
+        page.route(re.compile(r'^(?!http://127\.0\.0\.1[:/])'), refuse)  # offline: no CDN
+        page.on('pageerror', lambda e: errors.append(str(e)))
         for url in urls:
+            refused.clear(); errors.clear()
             response = page.goto(url, wait_until='load')
+            if url.endswith('/site/00_lora_math.html'):  # typesetting and widget drawing finish after 'load'
+                page.wait_for_selector('.MathJax', timeout=60_000)
+                page.wait_for_selector('.widget-slider', timeout=60_000)
+                page.wait_for_function('MathJax.Hub.queue.pending === 0 && !MathJax.Hub.queue.running', timeout=60_000)
             facts[url] = dict(
                 status=response.status if response else None,
                 images=page.eval_on_selector_all('img', 'els => els.map(e => [e.src.slice(0, 60), e.complete, e.naturalWidth])'),
                 links=page.eval_on_selector_all('a[href]', 'els => els.map(e => e.getAttribute("href"))'),
                 text=page.inner_text('body'),
-                sidebar=page.eval_on_selector_all('nav.site-nav a', 'els => els.map(e => e.getAttribute("href"))'))
+                sidebar=page.eval_on_selector_all('nav.site-nav a', 'els => els.map(e => e.getAttribute("href"))'),
+                formulas=page.eval_on_selector_all('.MathJax, .MathJax_Display', 'els => els.length'),
+                widgets=page.eval_on_selector_all('.widget-slider, .widget-dropdown, .widget-checkbox', 'els => els.length'),
+                refused=list(refused), errors=list(errors))
             if url in shots: page.screenshot(path=str(shots[url]))
         browser.close()
     return facts
@@ -164,3 +186,11 @@ def test_page_in_browser(href, site, server, pages_seen):
     assert TRACEBACK not in seen['text']
     chapters = HREFS if href.startswith('site/') else [p.name for p in site['tiny']]
     assert seen['sidebar'] == chapters
+    if href.startswith('site/'): assert not seen['refused'], f"requests that left the site: {seen['refused']}"
+    assert not seen['errors'], f"script errors: {seen['errors']}"
+
+
+def test_formulas_typeset_and_widgets_drawn_offline(server, pages_seen):
+    seen = pages_seen[f'{server}/site/00_lora_math.html']
+    assert seen['formulas'] >= 20 and not re.search(r'\$[^$\n]{1,60}\$', seen['text'])  # no TeX source left showing
+    assert seen['widgets'] >= 4  # the rank slider, dropdowns and checkbox of the chapter's saved widgets

@@ -6,19 +6,25 @@ Each page gets a sidebar listing Home and every chapter, and previous/next links
 notebooks (`NN_name.ipynb`, `nbs/NN_name.ipynb`) and the index table's bare chapter names (`` `NN_name` ``) point at
 the pages. Cells flagged `#| hide` are left out and `#|` directive lines dropped (a cell left empty goes too),
 as nbdev's own docs do.
+The site reads offline: the scripts the lab template would take from a CDN are copied into `_static/`: MathJax
+(the package jupyter-server-mathjax carries it) typesets the formulas, and the widget manager that renders saved
+widget state (npm's @jupyter-widgets/html-manager, with require.js) draws the widgets; the two npm packages are
+fetched once with `npm pack` into lora_nb's cache folder. `--cdn` keeps the CDN addresses instead (no npm needed).
 The site is written to a temporary folder beside `out_dir` and moved into place, so a failed build leaves
 the previous site whole.
 
     .venv/bin/python tools/build_docs.py --output _docs
 """
 from __future__ import annotations
-import argparse, re, shutil, tempfile
+import argparse, importlib.util, re, shutil, subprocess, sys, tarfile, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 from jinja2 import DictLoader
 from nbconvert import HTMLExporter
+
+from lora_nb.core import LoraNbError, build_atomically, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
@@ -57,6 +63,13 @@ nav.site-pager a { color: #1a4f8b; text-decoration: none; }
 </nav>
 {{ super() }}{% endblock body_footer %}
 """
+
+# what the pages load instead of a CDN (relative to the site): MathJax 2 as nbconvert's template configures it, the
+# widget manager that matches ipywidgets 8's saved state (html-manager 1.x) and the AMD loader it needs
+NPM_ASSETS = {'html-manager': '@jupyter-widgets/html-manager@1.0.15', 'requirejs': 'requirejs@2.3.8'}
+STATIC_URLS = dict(mathjax_url='_static/mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe',
+                   require_js_url='_static/requirejs/require.js',
+                   widget_renderer_url='_static/html-manager/dist/embed-amd.js')
 
 NB_LINK = re.compile(r'\]\((?:\./)?(?:nbs/)?(\d\d_\w+|index)\.ipynb(#[^)\s]*)?\)')  # ](nbs/07_monitors.ipynb#x)
 DIRECTIVE = re.compile(r'^#\|\s*([\w-]+)')
@@ -113,6 +126,28 @@ def prepare(nb, chapters: set):
     return nb
 
 
+def npm_package(spec: str, cache=None) -> Path:
+    "Folder of npm package `spec` ('name@version'), unpacked once into `cache` (lora_nb's cache folder) by `npm pack`"
+    dest = Path(cache or cache_dir() / 'docs-assets') / spec.replace('/', '+')
+    def fetch(tmp: Path):
+        if not shutil.which('npm'): raise LoraNbError(f"npm not found: it fetches {spec} for the docs (or build with --cdn)")
+        r = subprocess.run(['npm', 'pack', '--silent', spec, '--pack-destination', str(tmp)], capture_output=True, text=True)
+        tgz = sorted(tmp.glob('*.tgz'))
+        if r.returncode or not tgz: raise LoraNbError(f"npm pack {spec} failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        with tarfile.open(tgz[0]) as t: t.extractall(tmp, filter='data')  # the tarball's files sit under package/
+        tgz[0].unlink()
+    return build_atomically(dest, fetch) / 'package'
+
+
+def copy_static(static: Path, cache=None):
+    "Copy MathJax, the widget manager and require.js into the site's `static` folder (source maps left out)"
+    spec = importlib.util.find_spec('jupyter_server_mathjax')  # found, not imported (that would load jupyter_server)
+    if spec is None: raise LoraNbError("jupyter-server-mathjax is not installed (it carries MathJax): make install")
+    shutil.copytree(Path(spec.origin).parent / 'static', static / 'mathjax')  # MathJax 2: what nbconvert configures
+    skip = shutil.ignore_patterns('*.map', 'src', 'lib', 'embed.js', 'libembed-amd.js')  # pages load embed-amd.js
+    for name, package in NPM_ASSETS.items(): shutil.copytree(npm_package(package, cache), static / name, ignore=skip)
+
+
 def render_page(page: Page, pages: list[Page], exporter: HTMLExporter) -> str:
     "HTML of one page: its notebook's saved outputs, the sidebar and the previous/next links"
     i = pages.index(page)
@@ -126,17 +161,20 @@ def render_page(page: Page, pages: list[Page], exporter: HTMLExporter) -> str:
     return body
 
 
-def build_site(out_dir, nbs_dir=NBS) -> list[Path]:
-    "Render every page of `nbs_dir` into `out_dir` (replaced whole, atomically); the paths of the pages written"
+def build_site(out_dir, nbs_dir=NBS, cdn=False) -> list[Path]:
+    """Render every page of `nbs_dir` into `out_dir` (replaced whole, atomically); the paths of the pages written.
+    The scripts the pages load are copied into `out_dir/_static` unless `cdn` keeps nbconvert's CDN addresses."""
     out_dir, pages = Path(out_dir).resolve(), site_pages(Path(nbs_dir))
     exporter = HTMLExporter(template_name='lab', extra_loaders=[DictLoader({'site.html.j2': TEMPLATE})],
                             embed_images=True,  # images a markdown cell links to become data URIs too
-                            exclude_input_prompt=True, exclude_output_prompt=True)  # counts are cleaned away
+                            exclude_input_prompt=True, exclude_output_prompt=True,  # counts are cleaned away
+                            **({} if cdn else STATIC_URLS))
     exporter.template_file = 'site.html.j2'
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}-', dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the site from a web server's user
     try:
+        if not cdn: copy_static(tmp / '_static')
         for page in pages: (tmp / page.href).write_text(render_page(page, pages, exporter), encoding='utf-8')
         old = out_dir.with_name(f'.{out_dir.name}-old')
         shutil.rmtree(old, ignore_errors=True)
@@ -153,8 +191,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--output', default='_docs', help='folder of the site (replaced whole)')
     ap.add_argument('--nbs', default=str(NBS), help='folder of the notebooks')
+    ap.add_argument('--cdn', action='store_true', help='pages load MathJax and the widget manager from CDNs')
     args = ap.parse_args(argv)
-    written = build_site(args.output, args.nbs)
+    try: written = build_site(args.output, args.nbs, args.cdn)
+    except LoraNbError as e: sys.exit(f'error: {e}')
     for p in written: print(f'{p.stat().st_size / 1e3:8.0f} kB  {p}')
     print(f'{len(written)} pages, {sum(p.stat().st_size for p in written) / 1e6:.1f} MB in {Path(args.output)}')
 

@@ -7,15 +7,16 @@ in `nbs/` (as JupyterLab runs it), with the learner profile (the real model: LOR
 cleaned the way `nbdev-clean` cleans (outputs kept; execution counts, timestamps and other volatile metadata
 dropped) and written atomically. A chapter that raises is not saved: its failing cell is reported, the other
 chapters still run, and the exit status is 1. Each chapter's wall time goes to `notebook_times.json` beside the
-notebooks written; the chapter opens with its Run All time and a cell that ran longer than a minute gets a note above
-it with its time. Outputs unfit to publish (`output_problems`: what tests/test_outputs.py rejects) are listed as
+notebooks written, with the fingerprint of the code that ran (`code_digest`: a test tells outputs gone stale when a
+code cell changes afterwards); the chapter opens with its Run All time and a cell that ran longer than a minute
+gets a note above it with its time. Outputs unfit to publish (`output_problems`: what tests/test_outputs.py rejects) are listed as
 soon as their chapter is saved. `--notes-only` rewrites those notes from notebook_times.json without running.
 
     .venv/bin/python tools/run_notebooks.py                                  # every chapter, in place
     .venv/bin/python tools/run_notebooks.py --profile fast --only 00_lora_math --output-dir /tmp/nbrun
 """
 from __future__ import annotations
-import argparse, datetime, json, os, platform, re, sys, tempfile, time, tomllib
+import argparse, datetime, hashlib, json, os, re, sys, time, tomllib
 from pathlib import Path
 
 import nbformat
@@ -23,6 +24,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from nbdev.clean import clean_nb
 from nbdev.config import get_config
+
+from lora_nb.core import atomic_write_text, cpu_name  # the package's own: no torch at import
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
@@ -41,25 +44,6 @@ def test_flags() -> set:
     "The flags of cells plain `nbdev-test` skips (pyproject.toml [tool.nbdev] tst_flags)"
     cfg = tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['nbdev']
     return set(cfg.get('tst_flags', '').split())
-
-
-def cpu_name() -> str:
-    "The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)"
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): return platform.processor() or 'unknown'
-
-
-def write_atomic(path: Path, text: str):
-    "Write `text` to `path` through a temporary file in the same folder, so a reader never sees half a file"
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    umask = os.umask(0); os.umask(umask)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f: f.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def clean(nb):
@@ -135,6 +119,14 @@ def cell_time_note(seconds: float, profile: str) -> str:
             f"{os.cpu_count()}-core {cpu_name()} (measured by `make notebooks`).*")
 
 
+def code_digest(nb) -> str:
+    "Fingerprint of a notebook's code (its code cells' sources, in order): a saved run belongs to this code only"
+    h = hashlib.sha256()
+    for c in nb.cells:
+        if c.cell_type == 'code': h.update(c.source.encode() + b'\0')
+    return h.hexdigest()[:16]
+
+
 def set_cell_times(nb, long_cells: list, profile: str):
     "Drop the old notes above long cells; put one above each cell of `long_cells` (dicts with its `id` and `seconds`)"
     nb.cells = [c for c in nb.cells if not (c.cell_type == 'markdown' and c.source.startswith(CELL_TIME_MARK))]
@@ -167,7 +159,7 @@ def run_notebook(src: Path, dest: Path, skip_flags: set, timeout: int, profile: 
     if src.stem[:2].isdigit(): set_run_time(nb, run_time_note(seconds, profile))  # chapters open with it; not the index
     set_cell_times(nb, long_cells, profile)
     clean(nb)
-    write_atomic(dest, nbformat.writes(nb) + '\n')
+    atomic_write_text(dest, nbformat.writes(nb) + '\n')
     for problem in output_problems(nb, dest.name): print(f'  unfit to publish: {problem}', flush=True)
     return seconds, long_cells
 
@@ -180,7 +172,7 @@ def notes_from_times(nb_path: Path, record: dict) -> list:
     set_cell_times(nb, long_cells, record.get('profile', 'learner'))
     if nb_path.stem[:2].isdigit():
         set_run_time(nb, run_time_note(record['seconds'], record.get('profile', 'learner'), record.get('date', '')[:10] or None))
-    write_atomic(nb_path, nbformat.writes(nb) + '\n')
+    atomic_write_text(nb_path, nbformat.writes(nb) + '\n')
     return long_cells
 
 
@@ -210,7 +202,7 @@ def main(argv=None):
         times = json.loads(times_path.read_text())
         for src in chapters(args.nbs, args.only, args.index):
             if src.stem in times: times[src.stem]['long_cells'] = notes_from_times(src, times[src.stem])
-        write_atomic(times_path, json.dumps(times, indent=1) + '\n')
+        atomic_write_text(times_path, json.dumps(times, indent=1) + '\n')
         return
 
     os.environ.pop('LORA_NB_PROFILE', None)
@@ -230,8 +222,9 @@ def main(argv=None):
             continue
         print(f'{src.stem:20} {seconds:8.1f} s', flush=True)
         times[src.stem] = dict(seconds=round(seconds, 1), date=datetime.datetime.now().isoformat(timespec='seconds'),
-                               cpu=cpu_name(), cpus=os.cpu_count(), profile=args.profile or 'learner', long_cells=long_cells)
-        write_atomic(times_path, json.dumps(dict(sorted(times.items())), indent=1) + '\n')
+                               cpu=cpu_name(), cpus=os.cpu_count(), profile=args.profile or 'learner', long_cells=long_cells,
+                               code=code_digest(nbformat.read(out_dir / src.name, as_version=4)))
+        atomic_write_text(times_path, json.dumps(dict(sorted(times.items())), indent=1) + '\n')
     if failed: sys.exit(f"{len(failed)} notebook(s) failed: {', '.join(failed)} (not saved)")
 
 
