@@ -2,7 +2,8 @@
 
 An output must not be an error or stderr text, must not show a path of the machine that ran it (the project root,
 /home/, /root/, /work/, /tmp/), and must stay under 1 MB of JSON (a plot at sane dpi is far below; a huge table
-or a runaway print is not). `make notebooks` writes these outputs; this test is what keeps them reviewable.
+or a runaway print is not); a widget's output needs its state saved in the notebook, or a page shows only its text.
+`make notebooks` writes these outputs; this test is what keeps them reviewable.
 A deliberately bad notebook proves the checker finds each problem. Every chapter carries its learner-profile run,
 and that run belongs to the committed code: notebook_times.json keeps the fingerprint of the code that ran.
 """
@@ -39,12 +40,14 @@ def test_checker_finds_each_problem(tmp_path):
             new_output('stream', name='stdout', text=f'saved to {ROOT}/runs/x\n'),
             new_output('execute_result', data={'text/plain': "PosixPath('/home/me/x')"}, execution_count=1),
             new_output('display_data', data={'text/html': '<pre>/tmp/tmpab12/run</pre>'}),
-            new_output('display_data', data={'image/png': 'A' * 1_100_000, 'text/plain': '<Figure>'})]
+            new_output('display_data', data={'image/png': 'A' * 1_100_000, 'text/plain': '<Figure>'}),
+            new_output('display_data', data={'application/vnd.jupyter.widget-view+json': dict(model_id='m1', version_major=2),
+                                             'text/plain': 'generating: 0%'})]
     bad = tmp_path / 'bad.ipynb'
     nbformat.write(new_notebook(cells=[new_code_cell('x', outputs=outs)]), bad)
     problems = output_problems(bad)
     for expected in ['error output ValueError: bad', 'stderr output', f"machine path '{ROOT}'", "'/home/'", "'/tmp/'",
-                     'output of 1.1 MB']:
+                     'output of 1.1 MB', 'widget m1 has no saved state']:
         assert any(expected in p for p in problems), f"{expected!r} not found in {problems}"
     good = tmp_path / 'good.ipynb'
     nbformat.write(new_notebook(cells=[new_code_cell('x', outputs=[new_output('stream', name='stdout', text='ok\n')])]), good)

@@ -68,9 +68,13 @@ def output_texts(out) -> list[str]:
 def output_problems(nb, name: str) -> list[str]:
     "What makes the outputs saved in notebook `nb` unfit to publish, one line per problem (empty: nothing)"
     problems = []
+    widgets = nb.metadata.get('widgets', {}).get('application/vnd.jupyter.widget-state+json', {}).get('state', {})
     for i, cell in enumerate(nb.cells):
         for out in cell.get('outputs', []):
             where = f"{name} cell {i}"
+            view = out.get('data', {}).get('application/vnd.jupyter.widget-view+json')
+            if view and view.get('model_id') not in widgets:
+                problems.append(f"{where}: widget {view.get('model_id')} has no saved state (a page shows its text only)")
             if out.output_type == 'error': problems.append(f"{where}: error output {out.ename}: {out.evalue}")
             if out.output_type == 'stream' and out.name == 'stderr':
                 problems.append(f"{where}: stderr output {out.text[:80]!r}")
