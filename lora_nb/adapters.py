@@ -266,12 +266,17 @@ def using_adapter(model, name:str|None):
     finally: model.set_adapter(prev)
 
 # %% ../nbs/12_adapters.ipynb #c055
-def evaluate_adapters(model, tok, adapters:list, task_records:dict, cfg) -> dict:
-    "{adapter: {task: metrics}} for each adapter name (None: the bare base) of PEFT `model` on each task's records"
+def evaluate_adapters(model, tok, adapters:list, task_records:dict, cfg, progress:bool=False) -> dict:
+    """{adapter: {task: metrics}} for each adapter name (None: the bare base) of PEFT `model` on each task's records;
+    `progress` shows a bar over the (adapter, task) pairs"""
+    pairs = [(name, task) for name in adapters for task in task_records]
+    if progress:
+        from tqdm.auto import tqdm
+        pairs = tqdm(pairs, desc='adapter-task pairs evaluated', unit='pair')
     out = {}
-    for name in adapters:
+    for name, task in pairs:
         with using_adapter(model, name):
-            out[name or 'base'] = {task: evaluate(model, tok, recs, cfg, task=task) for task, recs in task_records.items()}
+            out.setdefault(name or 'base', {})[task] = evaluate(model, tok, task_records[task], cfg, task=task)
     return out
 
 def exact_match_table(results:dict) -> dict:
